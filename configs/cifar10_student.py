@@ -1,0 +1,16 @@
+"""CIFAR-10 student on labels only: the 2-layer CNN, crop+flip, SGD one-cycle, 15 epochs, bf16.
+
+Command: `python main.py --config configs/cifar10_student.py --workdir workdirs/cifar10_student`
+The CE baseline that `configs/cifar10_kd.py` must beat. `get_config('smoke')` is a tiny CPU budget.
+"""
+from kdjax.config import base_config, loss_term, optimizer, phase
+from configs import cifar10_teacher
+
+
+def get_config(arg=None):
+  cfg = cifar10_teacher.get_config(arg)
+  cfg.student.name = 'cnn2'
+  cfg.phases.train = phase(1 if arg == 'smoke' else 15, {'ce': loss_term('ce')},
+                           optimizer('sgd', learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                     schedule='onecycle'))
+  return cfg

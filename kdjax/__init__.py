@@ -1,0 +1,1 @@
+"""kdjax: knowledge distillation of image classifiers in JAX/Flax NNX."""

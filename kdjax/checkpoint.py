@@ -1,0 +1,115 @@
+"""One thin wrapper over Orbax's CheckpointManager: latest (for resume), best (by eval accuracy), teacher loading.
+
+A workdir holds `checkpoints/` (the latest few, for auto-resume) and `best/` (the single best by eval top-1). Each
+checkpoint is the `TrainState` plus a JSON `meta` (phase, epoch, best accuracy so far, config fingerprint), so a
+resumed run knows which phase it is in and a KD run can read its teacher without the teacher's training code.
+"""
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from absl import logging
+
+from kdjax import state as state_lib
+from kdjax.errors import UserError
+
+
+def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+class Checkpoints:
+  """`latest` keeps the last `keep` checkpoints; `best` keeps one. Saves are asynchronous; `close` waits."""
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
+    self.best = _manager(os.path.join(workdir, 'best'), 1)
+
+  def save(self, state, meta: dict, *, best: bool = False) -> None:
+    step = int(jax.device_get(state.step))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=args)
+    if best:
+      self.best.save(step, args=args)
+
+  def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
+    """The newest checkpoint that restores, falling back to older ones (a torn latest one is reported, kept)."""
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+      except Exception as error:  # a torn or corrupted checkpoint: try the previous one, delete nothing
+        logging.warning('checkpoint at step %d in %s cannot be restored (%s); trying the previous one',
+                        step, self.latest.directory, error)
+    return None
+
+  def latest_meta(self) -> dict | None:
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def close(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+    self.latest.close()
+    self.best.close()
+
+
+def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:
+  """{'a/0/kernel': array} from Orbax's raw restore (dict keys are strings, nnx leaves are {'value': x})."""
+  flat = {}
+  for key, value in tree.items():
+    if key == 'value' and not isinstance(value, dict):
+      flat[prefix.rstrip('/')] = value
+    elif isinstance(value, dict):
+      flat.update(_flatten_raw(value, f'{prefix}{key}/'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def restore_model_variables(workdir: str, variables) -> Any:
+  """Fill an NNX model's variables (params + BatchNorm statistics) from a finished run's best (else latest) checkpoint.
+
+  Raises a UserError when the run has no checkpoint or its shapes do not fit the model, listing the first
+  mismatches, so a teacher of the wrong architecture or class count is caught before training starts.
+  """
+  for sub in ('best', 'checkpoints'):
+    directory = os.path.abspath(os.path.join(workdir, sub))
+    if not os.path.isdir(directory):
+      continue
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    if step is None:
+      continue
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
+    return _fill(variables, saved, f'{directory}/{step}')
+  raise UserError(f'no checkpoint in {workdir}; train the teacher first (e.g. python main.py --config '
+                  f'configs/cifar10_teacher.py --workdir {workdir}) or fix teacher.workdir')
+
+
+def _fill(variables, saved: dict[str, np.ndarray], where: str):
+  """Copy the saved parameters and BatchNorm statistics in; RNG state (dropout keys) keeps its fresh values."""
+  flat = [(path, v) for path, v in variables.flat_state() if isinstance(v, (nnx.Param, nnx.BatchStat))]
+  mismatches = []
+  for path, variable in flat:
+    key = state_lib.path_string(path)
+    if key not in saved:
+      mismatches.append(f'{key} missing')
+    elif tuple(saved[key].shape) != tuple(variable.value.shape):
+      mismatches.append(f'{key} {tuple(saved[key].shape)} in checkpoint vs {tuple(variable.value.shape)} in model')
+  if mismatches:
+    raise UserError(f'teacher checkpoint {where} does not fit the configured teacher model: '
+                    f'{"; ".join(mismatches[:3])}{" ..." if len(mismatches) > 3 else ""} '
+                    f'({len(mismatches)} mismatches); set teacher.name to the model that run trained')
+  for path, variable in flat:
+    variable.value = np.asarray(saved[state_lib.path_string(path)], dtype=variable.value.dtype)
+  return variables

@@ -1,0 +1,197 @@
+"""The config schema: every key a run understands, its default, and the checks that turn mistakes into one line.
+
+Experiment files in `configs/` start from `base_config()` and override values; because the base is the full schema,
+a key that is not in it is a typo, and we say which valid key is closest. `validate` checks values (ranges, the
+phase schedule, the loss terms' arguments) before any data is loaded, so a bad config fails in a second, not after
+the dataset is decoded.
+"""
+import difflib
+from typing import Any, Iterable
+
+import ml_collections
+
+from kdjax.errors import UserError
+
+
+def optimizer(name='sgd', learning_rate=0.1, **overrides) -> ml_collections.ConfigDict:
+  """One phase's optimizer and learning-rate schedule (see `kdjax.optim` for the registries)."""
+  cfg = ml_collections.ConfigDict(dict(
+      name=name,               # sgd | adam | adamw
+      learning_rate=learning_rate,  # peak learning rate
+      momentum=0.9,            # sgd only
+      nesterov=False,          # sgd only
+      weight_decay=0.0,        # sgd: L2 added to the gradient; adam(w): decoupled decay
+      schedule='cosine',       # constant | cosine | linear | onecycle | piecewise
+      warmup_epochs=0.0,       # linear warm-up from 0 before the schedule
+      boundaries_epochs=(),    # piecewise: epochs at which the rate is multiplied by decay_factor
+      decay_factor=0.1,        # piecewise only
+      grad_clip_norm=0.0,      # 0 = no clipping
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def loss_term(kind: str, weight: float = 1.0, **args) -> ml_collections.ConfigDict:
+  """One weighted loss term; `kind` names an entry of `kdjax.objective.TERMS`, `args` its arguments."""
+  return ml_collections.ConfigDict(dict(kind=kind, weight=weight, **args))
+
+
+def phase(epochs: float, losses: dict, opt: ml_collections.ConfigDict | None = None,
+          trainable: str = '.*', frozen_bn: bool = True) -> ml_collections.ConfigDict:
+  """One phase of a run: what trains (a regex over student parameter paths), on which losses, for how long.
+
+  A plain training run is one phase; stage-wise distillation is several. Parameters whose path (e.g.
+  `stages/2/conv1/kernel`) does not match `trainable` are frozen: neither they nor their BatchNorm statistics
+  change during the phase (`frozen_bn`).
+  """
+  return ml_collections.ConfigDict(dict(
+      epochs=float(epochs), trainable=trainable, frozen_bn=frozen_bn,
+      losses=ml_collections.ConfigDict(losses), optimizer=opt or optimizer()))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults: a CE run of `cnn2` on the bundled digits."""
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+  cfg.suite = 'single'         # kdjax.suites.SUITES: single | kd_comparison | repeats
+  cfg.data = ml_collections.ConfigDict(dict(
+      dataset='digits',        # tfds name, image-folder path or .tar.gz path
+      train_split='train',     # tfds-style slicing works for every source: 'train[:25%]'
+      eval_split='test',       # the split that picks the best checkpoint
+      heldout_split='',        # optional second evaluation split (e.g. 'train[25%:]' in subset mode)
+      image_size=0,            # 0 = keep the stored size; else resize to image_size x image_size when loading
+      augment='crop_flip',     # kdjax.data.augment.AUGMENTATIONS
+      normalize=True,          # per-channel mean/std of the training split
+      cache_dir='',            # '' = ~/.cache/kdjax
+      data_dir='',             # tfds data_dir; '' = tfds default
+      on_corrupt='error',      # error | skip (unreadable image files)
+  ))
+  # The student model: `name` in kdjax.models.MODELS; every other key is passed to its constructor
+  # (e.g. hidden=64 for mlp2), so a config adds the architecture arguments it wants to expose to overrides.
+  cfg.student = ml_collections.ConfigDict(dict(name='cnn2'))
+  cfg.teacher = ml_collections.ConfigDict(dict(
+      workdir='',              # a finished teacher run's workdir ('' = no teacher)
+      name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match the checkpoint)
+      epochs=10.0,             # kd_comparison: the teacher run's budget
+  ))
+  cfg.compute_dtype = 'float32'  # float32 | bfloat16 (parameters stay float32)
+  cfg.batch_size = 128         # global, split over all devices
+  cfg.eval_batch_size = 500
+  cfg.schedule = ('train',)    # the phases, in order
+  cfg.phases = ml_collections.ConfigDict(dict(
+      train=phase(10, {'ce': loss_term('ce')})))
+  cfg.eval_every_epochs = 1.0
+  cfg.log_every_steps = 50
+  cfg.checkpoint_every_steps = 0  # 0 = checkpoint at every evaluation and at the end of each phase
+  cfg.keep_checkpoints = 2
+  cfg.nonfinite = 'stop'       # stop | skip: what a NaN/Inf loss or gradient does
+  cfg.repeats = ml_collections.ConfigDict(dict(seeds=(0, 1, 2)))
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks.
+
+_CHOICES = {
+    'suite': lambda: __import__('kdjax.suites', fromlist=['SUITES']).SUITES,
+    'compute_dtype': lambda: ('float32', 'bfloat16'),
+    'nonfinite': lambda: ('stop', 'skip'),
+    'data.on_corrupt': lambda: ('error', 'skip'),
+    'data.augment': lambda: __import__('kdjax.data.augment', fromlist=['AUGMENTATIONS']).AUGMENTATIONS,
+}
+
+
+def flat_keys(cfg: Any, prefix: str = '') -> list[str]:
+  """All dotted keys of a (nested) ConfigDict."""
+  keys = []
+  for key, value in cfg.items():
+    path = f'{prefix}{key}'
+    keys.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, path + '.'))
+  return keys
+
+
+def closest_key_hint(key: str, valid: Iterable[str]) -> str:
+  """' (did you mean `x`?)' for the valid key closest to `key`, or ''."""
+  match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+  return f' (did you mean `{match[0]}`?)' if match else ''
+
+
+def unknown_key_error(key: str, cfg: ml_collections.ConfigDict) -> UserError:
+  return UserError(f'config key `{key}` does not exist{closest_key_hint(key, flat_keys(cfg))}; '
+                   f'see kdjax/config.py for the schema')
+
+
+def _check_known_keys(cfg, schema, prefix=''):
+  """Every key of `cfg` must exist in `schema` (free-form sections excepted)."""
+  for key, value in cfg.items():
+    path = f'{prefix}{key}'
+    if key not in schema:
+      raise UserError(f'config key `{path}` does not exist'
+                      f'{closest_key_hint(path, [prefix + k for k in schema.keys()])}; '
+                      'see kdjax/config.py for the schema')
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(schema[key], ml_collections.ConfigDict):
+      if path in ('phases', 'student'):
+        continue  # checked by _check_phases / the model's constructor
+      _check_known_keys(value, schema[key], path + '.')
+    elif type(schema[key]) is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    elif schema[key] is not None and not isinstance(value, type(schema[key])):
+      raise UserError(f'config `{path}` must be a {type(schema[key]).__name__}, got {value!r}')
+
+
+def _check_phases(cfg):
+  from kdjax import objective  # late: objective imports losses and jax
+  template = phase(1, {})
+  if not cfg.schedule:
+    raise UserError('config `schedule` is empty; list the phases to run, e.g. `schedule=("train",)`')
+  for name in cfg.schedule:
+    if name not in cfg.phases:
+      raise UserError(f'config `schedule` names phase `{name}` which is not in `phases` '
+                      f'({", ".join(cfg.phases.keys())}); add it or fix the name')
+  for name, ph in cfg.phases.items():
+    if name not in cfg.schedule:
+      raise UserError(f'phase `{name}` is defined but not in `schedule`; add it or delete it')
+    _check_known_keys({k: v for k, v in ph.items() if k != 'losses'}, template, f'phases.{name}.')
+    if ph.epochs <= 0:
+      raise UserError(f'config `phases.{name}.epochs` must be > 0, got {ph.epochs}')
+    if ph.optimizer.learning_rate < 0:
+      raise UserError(f'config `phases.{name}.optimizer.learning_rate` must be >= 0')
+    if not ph.losses:
+      raise UserError(f'phase `{name}` has no losses; add one, e.g. `losses={{"ce": loss_term("ce")}}`')
+    for term_name, term in ph.losses.items():
+      objective.check_term(term, f'phases.{name}.losses.{term_name}')
+    for key, fn in (('name', lambda: __import__('kdjax.optim', fromlist=['OPTIMIZERS']).OPTIMIZERS),
+                    ('schedule', lambda: __import__('kdjax.optim', fromlist=['SCHEDULES']).SCHEDULES)):
+      choices = fn()
+      if ph.optimizer[key] not in choices:
+        raise UserError(f'config `phases.{name}.optimizer.{key}` is {ph.optimizer[key]!r}; '
+                        f'choose one of: {", ".join(sorted(choices))}')
+
+
+def uses_teacher(cfg) -> bool:
+  from kdjax import objective
+  return any(objective.TERMS[t.kind].needs_teacher for ph in cfg.phases.values() for t in ph.losses.values())
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raise a UserError naming the fix for the first problem in `cfg`."""
+  _check_known_keys(cfg, base_config())
+  for key, choices_fn in _CHOICES.items():
+    value = cfg
+    for part in key.split('.'):
+      value = value[part]
+    choices = choices_fn()
+    if value not in choices:
+      raise UserError(f'config `{key}` is {value!r}; choose one of: {", ".join(sorted(choices))}')
+  for key in ('batch_size', 'eval_batch_size'):
+    if cfg[key] <= 0 or cfg[key] % num_devices:
+      raise UserError(f'config `{key}`={cfg[key]} must be a positive multiple of the device count '
+                      f'({num_devices}); set --config.{key}={max(num_devices, cfg[key] // num_devices * num_devices)}')
+  if cfg.data.image_size < 0:
+    raise UserError('config `data.image_size` must be >= 0 (0 keeps the stored size)')
+  _check_phases(cfg)
+  if cfg.suite == 'single' and uses_teacher(cfg) and not cfg.teacher.workdir:
+    raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
+                    'set --config.teacher.workdir=DIR of a finished teacher run')

@@ -1,0 +1,43 @@
+"""scikit-learn's bundled 8x8 digits (1,797 images): a dataset that needs no download, for smoke tests and CI.
+
+The images' 0..16 intensities are rescaled to uint8 0..255 and shaped (N, 8, 8, 1); class names are '0'..'9'.
+sklearn ships no split, so kdjax fixes one: within each digit, the examples are shuffled with a fixed seed and the
+first round(80%) go to `train`, the rest to `test` (1,438 / 359 images). Each split is then shuffled once with the
+same seed, like folder sources, before any `[a:b]` slicing.
+"""
+
+import numpy as np
+from PIL import Image
+
+from kdjax.data.images import to_array
+from kdjax.data.splits import ArraySplit, ORDER_SEED, fixed_order
+from kdjax.errors import UserError
+
+NAME = 'digits'
+TRAIN_FRACTION = 0.8
+
+
+def _split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(ORDER_SEED)
+  train, test = [], []
+  for digit in range(10):
+    members = rng.permutation(np.flatnonzero(labels == digit))
+    cut = int(round(TRAIN_FRACTION * len(members)))
+    train.append(members[:cut])
+    test.append(members[cut:])
+  return {'train': np.sort(np.concatenate(train)), 'test': np.sort(np.concatenate(test))}
+
+
+def load_digits(source: str, split: str, *, image_size, on_corrupt, **_) -> ArraySplit:
+  """Loads the `train` or `test` split of the sklearn digits, resized if `image_size` is set."""
+  del source, on_corrupt  # Nothing to locate, nothing unreadable.
+  from sklearn import datasets  # Imported here: sklearn is slow to import and only this source needs it.
+  bunch = datasets.load_digits()
+  indices = _split_indices(bunch.target)
+  if split not in indices:
+    raise UserError(f'the digits dataset has no split {split!r}; use train or test (optionally sliced: train[:50%])')
+  chosen = indices[split][fixed_order(len(indices[split]))]
+  images = np.round(bunch.images[chosen] * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  if image_size is not None and image_size != 8:  # Same Pillow filter as every other source.
+    images = np.stack([to_array(Image.fromarray(image[..., 0]), image_size) for image in images])
+  return ArraySplit(images, bunch.target[chosen].astype(np.int32), tuple(str(d) for d in range(10)))

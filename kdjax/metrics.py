@@ -1,0 +1,26 @@
+"""CLU metric collections computed inside the jitted steps; only their reduced values ever reach the host."""
+import jax
+import jax.numpy as jnp
+from clu import metrics
+
+
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits (k is clipped to the class count)."""
+  k = min(k, logits.shape[-1])
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+
+
+def collection(names) -> type[metrics.Collection]:
+  """A CLU collection averaging each named output (per-example values are weighted by example)."""
+  return metrics.Collection.create(**{name: metrics.Average.from_output(name) for name in names})
+
+
+def classification_outputs(logits, labels, teacher_logits=None) -> dict[str, jax.Array]:
+  outputs = {'top1': top_k_correct(logits, labels, 1), 'top5': top_k_correct(logits, labels, 5)}
+  if teacher_logits is not None:
+    outputs['agreement'] = (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  return outputs
+
+
+merge = jax.jit(lambda a, b: a.merge(b))

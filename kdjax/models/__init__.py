@@ -1,0 +1,23 @@
+"""Flax NNX image classifiers, looked up by name.
+
+Every model in `MODELS` follows one contract, because the distillation trainer handles teachers and students
+generically:
+
+* `Model(*, num_classes, image_shape=(H, W, C), rngs, dtype=jnp.float32, **arch_kwargs)`; `dtype` is the compute
+  dtype (e.g. bf16), parameters are always float32.
+* `model(x, *, train) -> (logits, features)`: `x` is NHWC; `logits` are float32 (N, num_classes); `features` is a
+  tuple with one output per stage (NHWC for conv nets, (N, D) for MLPs; compute dtype); `features[-1]` feeds the head.
+* Parameters live only in `model.stages` (an `nnx.List`, stage i makes `features[i]`) and `model.head` (a
+  `ClassifierHead`), so every parameter path starts with `('stages', i, ...)` or `('head', ...)`.
+* `model.stage_channels[i]` is the channel (last-axis) size of `features[i]`.
+* `train` is passed explicitly: BatchNorm uses batch statistics and updates its running averages (`nnx.BatchStat`)
+  only when `train=True`; dropout is active only when `train=True`. `model.train()` / `model.eval()` are not needed.
+* Models with dropout hold an RNG state (from the 'dropout' stream, else 'default', of the constructor's `rngs`).
+"""
+
+# Importing the architecture modules registers their models.
+from kdjax.models import resnet, small, vgg  # noqa: F401
+from kdjax.models.layers import ClassifierHead
+from kdjax.models.registry import MODELS, create_model, register_model
+
+__all__ = ['MODELS', 'ClassifierHead', 'create_model', 'register_model']

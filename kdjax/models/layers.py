@@ -1,0 +1,134 @@
+"""Building blocks shared by the architectures.
+
+The helpers fix the conventions every model must follow (float32 parameters, compute in `dtype`, PyTorch-compatible
+BatchNorm momentum and padding) in one place, so the architecture files cannot drift apart on them.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kdjax.errors import UserError
+
+PARAM_DTYPE = jnp.float32
+
+# He init scaled by fan-out, as torchvision initialises its conv nets; keeps ReLU-stack activations at unit scale.
+CONV_INIT = jax.nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv(
+  in_ch: int,
+  out_ch: int,
+  kernel: int,
+  *,
+  stride: int = 1,
+  use_bias: bool = False,
+  dtype: Any,
+  rngs: nnx.Rngs,
+) -> nnx.Conv:
+  """A square conv with PyTorch's symmetric `kernel // 2` padding.
+
+  Explicit padding instead of 'SAME' matters for strided convs: 'SAME' pads (0, 1) on even inputs where PyTorch pads
+  (1, 1), which would shift every feature map of a model loaded from torchvision weights.
+  """
+  pad = kernel // 2
+  return nnx.Conv(
+    in_ch,
+    out_ch,
+    kernel_size=(kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=use_bias,
+    kernel_init=CONV_INIT,
+    dtype=dtype,
+    param_dtype=PARAM_DTYPE,
+    rngs=rngs,
+  )
+
+
+def batch_norm(num_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm matching PyTorch's defaults (its momentum 0.1 is Flax's 0.9), so converted statistics behave alike."""
+  return nnx.BatchNorm(
+    num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs
+  )
+
+
+def linear(in_features: int, out_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, pad: int = 0) -> jax.Array:
+  """Max pooling over H, W of an NHWC batch (padding counts as -inf, like PyTorch)."""
+  return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
+
+
+class ConvBNReLU(nnx.Module):
+  """conv -> BatchNorm -> ReLU; the unit of the VGG and plain stages."""
+
+  def __init__(self, in_ch: int, out_ch: int, *, kernel: int = 3, stride: int = 1, use_bias: bool = False,
+               dtype: Any, rngs: nnx.Rngs):
+    self.conv = conv(in_ch, out_ch, kernel, stride=stride, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.bn = batch_norm(out_ch, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    return nnx.relu(self.bn(self.conv(x), use_running_average=not train))
+
+
+def _global_avg_pool(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=(1, 2))  # jnp.mean accumulates bf16 in float32, so no precision loss here
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1)
+
+
+# How the head turns the last feature into a vector; 'none' is for models whose features already are vectors (MLPs).
+POOLS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  'avg': _global_avg_pool,
+  'flatten': _flatten,
+  'none': lambda x: x,
+}
+
+
+class ClassifierHead(nnx.Module):
+  """pool -> [Linear(hidden) -> ReLU] -> [Dropout] -> Linear(num_classes), with float32 logits.
+
+  All models share this class so the trainer can treat `model.head` uniformly (freeze it, swap it for a new number
+  of classes). `in_features` is the vector size after pooling (for 'flatten', H * W * C of the last feature).
+  Dropout, when `dropout > 0`, draws from the 'dropout' stream of `rngs` (or 'default' when there is none) and keeps
+  that RNG state in the module; it is only active when called with `train=True`.
+  """
+
+  def __init__(self, in_features: int, num_classes: int, *, pool: str = 'avg', hidden: int | None = None,
+               dropout: float = 0.0, dtype: Any, rngs: nnx.Rngs):
+    if pool not in POOLS:
+      raise UserError(f"unknown head pooling {pool!r}; choose one of: {', '.join(POOLS)}")
+    if in_features < 1:
+      raise UserError('the input image is too small for this model: its last feature map is empty; use a larger '
+                      'image_shape or a model with fewer downsampling stages')
+    if not 0.0 <= dropout < 1.0:
+      raise UserError(f'dropout must be in [0, 1), got {dropout!r}')
+    self.pool = pool
+    self.hidden = linear(in_features, hidden, dtype=dtype, rngs=rngs) if hidden else None
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.fc = linear(hidden or in_features, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    x = POOLS[self.pool](x)
+    if self.hidden is not None:
+      x = nnx.relu(self.hidden(x))
+    if self.dropout is not None:
+      x = self.dropout(x, deterministic=not train)
+    return self.fc(x).astype(jnp.float32)
+
+
+def run_stages(stages: nnx.List, head: nnx.Module, x: jax.Array, *, train: bool
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The shared forward pass of every model: each stage's output is a feature, the last one feeds the head."""
+  features = []
+  for stage in stages:
+    x = stage(x, train=train)
+    features.append(x)
+  return head(x, train=train), tuple(features)

@@ -1,0 +1,45 @@
+"""A run's datasets, loaded once from any source and placed on the devices, with what the models need to know."""
+import dataclasses
+import os
+
+import numpy as np
+
+from kdjax.data import loader, sources
+
+
+@dataclasses.dataclass
+class RunData:
+  train: loader.ResidentDataset
+  eval: loader.ResidentDataset
+  heldout: loader.ResidentDataset | None
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]   # what the model sees: (H, W, C)
+  mean: tuple[float, ...]             # per channel, of the training split in [0, 1]
+  std: tuple[float, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std in [0, 1], from at most 10,000 images (enough for 3 digits; cheap on the host)."""
+  sample = images[:: max(1, len(images) // 10_000)].astype(np.float64) / 255.0
+  mean = sample.mean(axis=(0, 1, 2))
+  std = np.maximum(sample.std(axis=(0, 1, 2)), 1e-3)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def load(data_cfg, mesh) -> RunData:
+  kwargs = dict(image_size=data_cfg.image_size or None, cache_dir=data_cfg.cache_dir or None,
+                data_dir=data_cfg.data_dir or None, on_corrupt=data_cfg.on_corrupt)
+  dataset = os.path.expanduser(data_cfg.dataset)
+  train = sources.load_split(dataset, data_cfg.train_split, **kwargs)
+  evaluation = sources.load_split(dataset, data_cfg.eval_split, **kwargs)
+  heldout = sources.load_split(dataset, data_cfg.heldout_split, **kwargs) if data_cfg.heldout_split else None
+  mean, std = channel_stats(train.images) if data_cfg.normalize else ((0.0,) * train.images.shape[-1],
+                                                                      (1.0,) * train.images.shape[-1])
+  place = lambda split: loader.ResidentDataset.from_arrays(split.images, split.labels, mesh)
+  return RunData(train=place(train), eval=place(evaluation), heldout=place(heldout) if heldout else None,
+                 class_names=tuple(train.class_names), image_shape=tuple(train.images.shape[1:]),
+                 mean=mean, std=std)

@@ -1,0 +1,133 @@
+"""The pure train and eval steps: `(state, teacher, batch) -> (state, metrics)`.
+
+Everything static (graphdefs, the objective, the optimizer, the augmentation) is bound into a `StepFns` before
+`jax.jit`, so each step is one XLA program: augment on device, frozen teacher forward, student forward and backward,
+optax update, metrics. The teacher's variables are an argument (never differentiated, never donated); the student
+state is donated.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from kdjax import metrics as metrics_lib
+from kdjax import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A frozen model's graphdef; its variables are a separate (non-donated, non-differentiated) step argument."""
+  graphdef: Any
+
+  def forward(self, variables, images):
+    model = nnx.merge(self.graphdef, variables)
+    logits, features = model(images, train=False)
+    return jax.lax.stop_gradient((logits, features))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """uint8 batch -> normalised float input in the compute dtype (train: augmented with the step's key)."""
+  augment: Callable      # (rng, uint8 images) -> float32 in [0, 1]
+  evaluate: Callable     # (uint8 images) -> float32 in [0, 1]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  dtype: Any
+
+  def _normalize(self, images):
+    return ((images - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
+
+  def train(self, rng, images):
+    return self._normalize(self.augment(rng, images))
+
+  def eval(self, images):
+    return self._normalize(self.evaluate(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseStep:
+  """What one phase's train step needs besides its arguments."""
+  student_def: Any
+  adapter_def: Any
+  teacher: Teacher | None
+  objective: Callable
+  term_names: tuple[str, ...]
+  tx: optax.GradientTransformation
+  trainable: str           # regex over student parameter paths
+  frozen_bn: bool          # frozen stages keep their BatchNorm statistics
+  preprocess: Preprocess
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch):
+  """One optimizer step of the student on one (sharded) batch."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images = spec.preprocess.train(key, batch['image'])
+  labels = batch['label']
+  teacher_out = spec.teacher.forward(teacher_vars, images) if spec.teacher is not None else None
+  trainable, frozen = state_lib.split_trainable(state.params, spec.trainable)
+
+  def loss_fn(trainable, adapter_params, model_state):
+    # Fresh Variable objects at this trace level: BatchNorm writes its statistics into them.
+    model_state = jax.tree.map(lambda x: x, model_state)
+    model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
+    student_out = model(images, train=True)
+    adapters = nnx.merge(spec.adapter_def, adapter_params)
+    loss, terms = spec.objective(student_out, teacher_out, labels, adapters)
+    return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)))
+
+  (loss, (terms, logits, model_state)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+      trainable, state.adapter_params, state.model_state)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, (trainable, state.adapter_params))
+  trainable, adapter_params = optax.apply_updates((trainable, state.adapter_params), updates)
+  if spec.frozen_bn:
+    model_state = _keep_frozen(state.model_state, model_state, spec.trainable)
+  term_values = jnp.stack([terms[name] for name in spec.term_names])
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  candidate = state.replace(step=state.step + 1, params=state_lib.merge(trainable, frozen),
+                            model_state=model_state, adapter_params=adapter_params, opt_state=opt_state)
+  refused = state.replace(
+      step=state.step + 1, nonfinite_updates=state.nonfinite_updates + 1,
+      first_nonfinite_step=jnp.where(state.first_nonfinite_step < 0, state.step, state.first_nonfinite_step),
+      first_nonfinite_terms=jnp.where(state.first_nonfinite_step < 0, ~jnp.isfinite(term_values),
+                                      state.first_nonfinite_terms))
+  new_state = jax.tree.map(lambda good, bad: jnp.where(finite, good, bad), candidate, refused)
+  outputs = {'loss': loss, **terms,
+             **metrics_lib.classification_outputs(logits, labels, None if teacher_out is None else teacher_out[0])}
+  return new_state, metrics_lib.collection(outputs).single_from_model_output(**outputs)
+
+
+def _keep_frozen(old_model_state, new_model_state, pattern):
+  """New statistics for trainable paths, old ones for frozen paths (the phase must not move frozen stages)."""
+  new_trainable, _ = state_lib.split_trainable(new_model_state, pattern)
+  _, old_frozen = state_lib.split_trainable(old_model_state, pattern)
+  return state_lib.merge(new_trainable, old_frozen)
+
+
+def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, state: state_lib.TrainState,
+              teacher_vars, batch):
+  """Accuracy, top-5, cross-entropy and (with a teacher) agreement on one masked batch."""
+  images = preprocess.eval(batch['image'])
+  model = nnx.merge(student_def, state.params, state.model_state)
+  logits, _ = model(images, train=False)
+  outputs = metrics_lib.classification_outputs(
+      logits, batch['label'], None if teacher is None else teacher.forward(teacher_vars, images)[0])
+  outputs['loss'] = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch['label'])
+  mask = batch['mask']
+  return metrics_lib.collection(outputs).single_from_model_output(mask=mask, **outputs)
+
+
+def jit_train_step(spec: PhaseStep, state_sharding):
+  return jax.jit(functools.partial(train_step, spec), donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+def jit_eval_step(student_def, teacher, preprocess):
+  return jax.jit(functools.partial(eval_step, student_def, teacher, preprocess))

@@ -1,0 +1,88 @@
+"""kdjax command line: `python main.py [--config configs/X.py[:arg]] [--config.key=value ...] [--workdir DIR]`.
+
+With no flags it runs the embedded default (configs/default.py): a teacher, a CE student and a KD student on
+scikit-learn's bundled digits, offline, on a CPU, in a few minutes.
+"""
+import os
+import re
+import runpy
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
+                                          'Experiment config file (ml_collections), optionally `file.py:arg`.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
+                               '(default: workdirs/<config name>).')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _explain_flag_error(argv, error) -> str:
+  """Turn a config-flag parsing failure into one line naming the bad key and the closest valid one."""
+  from kdjax import config as config_lib
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_arg is None and '--config' in argv[:-1]:
+    config_arg = argv[argv.index('--config') + 1]
+  path = config_arg or os.path.join(HERE, 'configs', 'default.py')
+  file, _, arg = path.partition(':')
+  if not os.path.exists(file):
+    return f'config file {file} not found; pass --config configs/<name>.py (see the configs/ folder)'
+  try:
+    base = runpy.run_path(file)['get_config'](*([arg] if arg else []))
+  except Exception as config_error:  # the config file itself is broken
+    return f'config file {path} failed to load: {config_error!r}'
+  for arg_text in argv[1:]:
+    match = re.match(r'--config\.([^=]+)(=.*)?$', arg_text)
+    if not match:
+      continue
+    node = base
+    for part in match.group(1).split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        return str(config_lib.unknown_key_error(match.group(1), base))
+      node = node[part]
+  return f'{error}'.replace('\n', ' ') + ' (fix the value of that --config flag)'
+
+
+def parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(_explain_flag_error(argv, error))
+  except (AttributeError, KeyError, ValueError, TypeError) as error:
+    _fail(_explain_flag_error(argv, error))
+
+
+def _quiet_orbax(record) -> bool:
+  """Orbax logs every save and restore at INFO; keep its warnings, drop the chatter from the console."""
+  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_logger().addFilter(_quiet_orbax)
+  from kdjax import mesh
+  from kdjax import suites
+  from kdjax.errors import UserError
+  mesh.maybe_initialize_distributed()
+  cfg = _CONFIG.value
+  config_path = config_flags.get_config_filename(flags.FLAGS['config'])
+  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+  workdir = _WORKDIR.value or os.path.join('workdirs', name)
+  logging.info('config %s -> workdir %s', name, workdir)
+  try:
+    summary = suites.run(cfg, workdir)
+  except UserError as error:
+    _fail(str(error))
+  import json
+  print(json.dumps({'summary': summary}, default=str), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,337 @@
+"""Tests for kdjax.data sources: tiny image trees built in tmp_path, no network, no real datasets."""
+
+import os
+import tarfile
+import types
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from kdjax.data import archive
+from kdjax.data import cache
+from kdjax.data import compact
+from kdjax.data import load_split
+from kdjax.data import sources
+from kdjax.data.splits import parse_split
+from kdjax.errors import UserError
+
+CLASSES = ('cat', 'dog', 'eel')
+PER_CLASS = 7
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+  """Any load that forgets cache_dir still writes under tmp_path, never into ~/.cache."""
+  monkeypatch.setattr(cache, 'DEFAULT_CACHE_DIR', str(tmp_path / 'default-cache'))
+
+
+def _write(path, array, ext):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+  image.save(path, 'PNG' if ext.lower() == '.png' else 'JPEG')
+
+
+def make_tree(root, *, splits=('train', 'test'), size=8, channels=3, seed=0):
+  """root/<split>/<class>/<i>.<ext>, random pixels; extensions alternate .png / .JPG / .jpeg (case-insensitive)."""
+  rng = np.random.default_rng(seed)
+  for split in splits:
+    for name in CLASSES:
+      for i in range(PER_CLASS):
+        ext = ('.png', '.JPG', '.jpeg')[i % 3]
+        array = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+        _write(os.path.join(root, split, name, f'{i:02d}{ext}'), array, ext)
+  return str(root)
+
+
+def make_tar(tree_parent, out):
+  """A .tar.gz with one top folder, as real archives have."""
+  with tarfile.open(out, 'w:gz') as tar:
+    for name in os.listdir(tree_parent):
+      tar.add(os.path.join(tree_parent, name), arcname=name)
+  return str(out)
+
+
+@pytest.fixture
+def tree(tmp_path):
+  return make_tree(tmp_path / 'tree')
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+  return str(tmp_path / 'cache')
+
+
+def test_folder_loads_sorted_classes(tree, cache_dir):
+  split = load_split(tree, 'train', cache_dir=cache_dir)
+  assert split.images.shape == (len(CLASSES) * PER_CLASS, 8, 8, 3)
+  assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+  assert split.class_names == CLASSES
+  assert np.bincount(split.labels).tolist() == [PER_CLASS] * len(CLASSES)
+  assert split.skipped == 0
+  # The PNG of class 'dog', image 00, is stored losslessly: find it by content and check its label.
+  dog = np.asarray(Image.open(os.path.join(tree, 'train', 'dog', '00.png')))
+  index = [i for i, image in enumerate(split.images) if np.array_equal(image, dog)]
+  assert len(index) == 1 and split.labels[index[0]] == CLASSES.index('dog')
+
+
+def test_archive_matches_folder(tmp_path, cache_dir):
+  make_tree(tmp_path / 'src' / 'mydata')
+  tar = make_tar(tmp_path / 'src', tmp_path / 'mydata.tar.gz')
+  for split_name in ('train', 'test'):
+    from_folder = load_split(str(tmp_path / 'src'), split_name, cache_dir=cache_dir)  # Single child holds splits.
+    from_tar = load_split(tar, split_name, cache_dir=cache_dir)
+    np.testing.assert_array_equal(from_tar.images, from_folder.images)
+    np.testing.assert_array_equal(from_tar.labels, from_folder.labels)
+    assert from_tar.class_names == from_folder.class_names == CLASSES
+
+
+def test_archive_is_extracted_once(tmp_path, cache_dir, monkeypatch):
+  make_tree(tmp_path / 'src' / 'mydata')
+  tar = make_tar(tmp_path / 'src', tmp_path / 'mydata.tgz')
+  calls = []
+  real_extract = archive._extract
+  monkeypatch.setattr(archive, '_extract', lambda *args: calls.append(args) or real_extract(*args))
+  load_split(tar, 'train', cache_dir=cache_dir)
+  load_split(tar, 'test', cache_dir=cache_dir)  # Not decoded yet: reads the existing extraction.
+  load_split(tar, 'train', image_size=4, cache_dir=cache_dir)
+  assert len(calls) == 1
+  extracted = os.listdir(os.path.join(cache_dir, 'extracted'))
+  assert len(extracted) == 1 and not extracted[0].startswith('.tmp')
+
+
+def test_interrupted_extraction_is_not_reused(tmp_path, cache_dir, monkeypatch):
+  make_tree(tmp_path / 'src' / 'mydata')
+  tar = make_tar(tmp_path / 'src', tmp_path / 'mydata.tar.gz')
+  real_extract = archive._extract
+
+  def killed(path, dest):
+    real_extract(path, dest)
+    os.remove(next(os.path.join(r, f) for r, _, files in os.walk(dest) for f in files))  # Half done...
+    raise KeyboardInterrupt  # ...then killed.
+
+  monkeypatch.setattr(archive, '_extract', killed)
+  with pytest.raises(KeyboardInterrupt):
+    load_split(tar, 'train', cache_dir=cache_dir)
+  monkeypatch.setattr(archive, '_extract', real_extract)
+  assert len(load_split(tar, 'train', cache_dir=cache_dir)) == len(CLASSES) * PER_CLASS
+
+
+def test_complementary_slices_are_disjoint_and_cover(tree, cache_dir):
+  whole = load_split(tree, 'train', cache_dir=cache_dir)
+  head = load_split(tree, 'train[:25%]', cache_dir=cache_dir)
+  tail = load_split(tree, 'train[25%:]', cache_dir=cache_dir)
+  assert len(head) == round(0.25 * len(whole)) and len(head) + len(tail) == len(whole)
+  np.testing.assert_array_equal(np.concatenate([head.images, tail.images]), whole.images)
+  middle = load_split(tree, 'train[2:5]', cache_dir=cache_dir)
+  assert len(middle) == 3
+  np.testing.assert_array_equal(middle.images, whole.images[2:5])
+  np.testing.assert_array_equal(load_split(tree, 'test[-4:]', cache_dir=cache_dir).labels,
+                                load_split(tree, 'test', cache_dir=cache_dir).labels[-4:])
+  assert head.class_names == CLASSES  # A slice keeps the whole class list.
+
+
+def test_fixed_order_is_shuffled_and_deterministic(tree, tmp_path):
+  first = load_split(tree, 'train', cache_dir=str(tmp_path / 'a'))
+  second = load_split(tree, 'train', cache_dir=str(tmp_path / 'b'))
+  np.testing.assert_array_equal(first.images, second.images)
+  assert np.any(np.diff(first.labels) < 0), 'examples should not come sorted by class'
+
+
+@pytest.mark.parametrize('num_examples', [1, 3, 7, 10, 21, 33, 101, 999, 50_000])
+@pytest.mark.parametrize('spec', ['train', 'train[:25%]', 'train[25%:]', 'train[33%:67%]', 'train[-5%:]',
+                                  'train[:-5%]', 'train[1.5%:]', 'train[:50%]', 'train[2:3]', 'train[-1:]'])
+def test_slice_bounds_match_tfds(spec, num_examples):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  info = {'train': types.SimpleNamespace(num_examples=num_examples)}
+  try:
+    (instruction,) = tfds.core.ReadInstruction.from_spec(spec).to_absolute(info)
+    expected = range(num_examples)[instruction.from_:instruction.to]
+  except ValueError:
+    expected = range(0)
+  if not expected:
+    with pytest.raises(UserError):
+      parse_split(spec).to_slice(num_examples, spec)
+  else:
+    assert range(num_examples)[parse_split(spec).to_slice(num_examples, spec)] == expected
+
+
+@pytest.mark.parametrize('spec', ['train[', 'train[a:b]', 'train[:200%]', 'train[5]', 'train[1:2%]', '', 'train[:]',
+                                  'train[1.5:]', 'tr ain[]x'])
+def test_malformed_split_is_user_error(tree, cache_dir, spec):
+  with pytest.raises(UserError, match='split'):
+    load_split(tree, spec, cache_dir=cache_dir)
+
+
+def test_slice_past_the_end_is_user_error(tree, cache_dir):
+  with pytest.raises(UserError, match='21 examples'):
+    load_split(tree, 'train[:100]', cache_dir=cache_dir)
+
+
+def test_image_size_resizes(tree, cache_dir):
+  split = load_split(tree, 'train', image_size=5, cache_dir=cache_dir)
+  assert split.images.shape == (len(CLASSES) * PER_CLASS, 5, 5, 3)
+
+
+def test_mixed_sizes_need_image_size(tree, cache_dir):
+  _write(os.path.join(tree, 'train', 'cat', 'big.png'), np.zeros((10, 12, 3), np.uint8), '.png')
+  with pytest.raises(UserError, match='image_size'):
+    load_split(tree, 'train', cache_dir=cache_dir)
+  assert load_split(tree, 'train', image_size=8, cache_dir=cache_dir).images.shape[1:] == (8, 8, 3)
+
+
+def test_grayscale_gives_one_channel_and_mixed_trees_give_rgb(tmp_path, cache_dir):
+  gray = make_tree(tmp_path / 'gray', channels=1)
+  assert load_split(gray, 'train', cache_dir=cache_dir).images.shape[-1] == 1
+  _write(os.path.join(gray, 'train', 'cat', 'color.png'), np.full((8, 8, 3), (10, 20, 30), np.uint8), '.png')
+  mixed = load_split(gray, 'train', cache_dir=cache_dir)
+  assert mixed.images.shape[-1] == 3
+  is_color = np.all(mixed.images == np.array([10, 20, 30], np.uint8), axis=(1, 2, 3))
+  assert is_color.sum() == 1
+  grays = mixed.images[~is_color]
+  np.testing.assert_array_equal(grays[..., 0], grays[..., 1])
+
+
+def test_missing_paths_are_user_errors(tmp_path, cache_dir):
+  with pytest.raises(UserError, match='dataset folder .*nope not found'):
+    load_split(str(tmp_path / 'nope'), 'train', cache_dir=cache_dir)
+  with pytest.raises(UserError, match='archive .*nope.tar.gz not found'):
+    load_split(str(tmp_path / 'nope.tar.gz'), 'train', cache_dir=cache_dir)
+
+
+def test_missing_split_lists_the_splits_there(tree, cache_dir):
+  with pytest.raises(UserError, match=r"'val' not found .*test, train"):
+    load_split(tree, 'val', cache_dir=cache_dir)
+
+
+def test_empty_split_folders_are_user_errors(tmp_path, cache_dir):
+  os.makedirs(tmp_path / 'empty' / 'train')
+  with pytest.raises(UserError, match='no class folders'):
+    load_split(str(tmp_path / 'empty'), 'train', cache_dir=cache_dir)
+  os.makedirs(tmp_path / 'empty' / 'train' / 'cat')
+  (tmp_path / 'empty' / 'train' / 'cat' / 'notes.txt').write_text('not an image')
+  with pytest.raises(UserError, match='no image files'):
+    load_split(str(tmp_path / 'empty'), 'train', cache_dir=cache_dir)
+
+
+def test_class_list_is_the_union_over_splits(tree, cache_dir):
+  _write(os.path.join(tree, 'test', 'ant', '00.png'), np.zeros((8, 8, 3), np.uint8), '.png')
+  train = load_split(tree, 'train', cache_dir=cache_dir)
+  test = load_split(tree, 'test', cache_dir=cache_dir)
+  assert train.class_names == test.class_names == ('ant',) + CLASSES
+  assert set(train.labels.tolist()) == {1, 2, 3}  # 'ant' keeps index 0 though train has none.
+
+
+def test_corrupt_file(tree, cache_dir):
+  bad = os.path.join(tree, 'train', 'dog', 'bad.jpg')
+  with open(bad, 'wb') as f:
+    f.write(b'not a jpeg at all')
+  with pytest.raises(UserError, match='bad.jpg.*on_corrupt=skip'):
+    load_split(tree, 'train', cache_dir=cache_dir)
+  split = load_split(tree, 'train', cache_dir=cache_dir, on_corrupt='skip')
+  assert split.skipped == 1 and len(split) == len(CLASSES) * PER_CLASS
+  with pytest.raises(UserError, match='bad.jpg'):  # The cached entry remembers what it skipped.
+    load_split(tree, 'train', cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize('kwargs', [{'on_corrupt': 'ignore'}, {'image_size': 0}, {'image_size': 3.5}])
+def test_bad_options_are_user_errors(tree, cache_dir, kwargs):
+  with pytest.raises(UserError, match='data\\.'):
+    load_split(tree, 'train', cache_dir=cache_dir, **kwargs)
+
+
+def test_decoded_cache_is_reused(tree, cache_dir, monkeypatch):
+  first = load_split(tree, 'train', cache_dir=cache_dir)
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError('decoded again instead of reading the cache')
+
+  monkeypatch.setattr(Image, 'open', no_decoding)
+  second = load_split(tree, 'train[:50%]', cache_dir=cache_dir)
+  np.testing.assert_array_equal(second.images, first.images[:len(second)])
+  assert second.class_names == CLASSES
+
+
+def test_changed_folder_is_decoded_again(tree, cache_dir):
+  assert len(load_split(tree, 'train', cache_dir=cache_dir)) == 21
+  _write(os.path.join(tree, 'train', 'cat', 'new.png'), np.zeros((8, 8, 3), np.uint8), '.png')
+  assert len(load_split(tree, 'train', cache_dir=cache_dir)) == 22
+
+
+def test_digits():
+  train = load_split('digits', 'train')
+  test = load_split('digits', 'test')
+  assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+  assert len(train) + len(test) == 1797 and len(test) == 359
+  assert train.class_names == tuple(str(d) for d in range(10))
+  assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(10))
+  assert train.images.max() == 255 and train.images.min() == 0
+  np.testing.assert_array_equal(load_split('digits', 'train[:10]').images, train.images[:10])
+  assert load_split('digits', 'test', image_size=16).images.shape == (359, 16, 16, 1)
+  with pytest.raises(UserError, match='train or test'):
+    load_split('digits', 'validation')
+
+
+def test_source_kinds(tree):
+  assert sources.source_kind('digits') == 'digits'
+  assert sources.source_kind('/data/x.TAR.GZ') == 'archive'
+  assert sources.source_kind('./missing') == 'folder'
+  assert sources.source_kind(tree) == 'folder'
+  assert sources.source_kind('imagenette/320px-v2') == 'tfds'
+
+
+def test_unprepared_tfds_dataset_names_the_fix(tmp_path, cache_dir):
+  with pytest.raises(UserError, match='tfds build mnist'):
+    load_split('mnist', 'train', data_dir=str(tmp_path / 'tfds'), cache_dir=cache_dir)
+  with pytest.raises(UserError, match='not an existing folder'):
+    load_split('no_such_dataset_kdjax', 'train', data_dir=str(tmp_path / 'tfds'), cache_dir=cache_dir)
+  with pytest.raises(UserError, match='community'):  # Would reach for the network.
+    load_split('huggingface:mnist', 'train', data_dir=str(tmp_path / 'tfds'), cache_dir=cache_dir)
+
+
+def test_prepared_tfds_dataset_without_tensorflow(tmp_path, cache_dir):
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  # A Tensor feature (not Image) because encoding images while preparing would need TensorFlow; reading does not.
+  class KdjaxTestTiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      features = tfds.features.FeaturesDict({
+          'image': tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(names=list(CLASSES))})
+      return tfds.core.DatasetInfo(builder=self, features=features, supervised_keys=('image', 'label'))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(12), 'test': self._generate_examples(4)}
+
+    def _generate_examples(self, count):
+      rng = np.random.default_rng(count)
+      for i in range(count):
+        yield i, {'image': rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 'label': i % 3}
+
+  data_dir = str(tmp_path / 'tfds')
+  KdjaxTestTiny(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  split = load_split('kdjax_test_tiny', 'train[:50%]', data_dir=data_dir, cache_dir=cache_dir)
+  expected = tfds.data_source('kdjax_test_tiny', split='train[:50%]', data_dir=data_dir, download=False)
+  np.testing.assert_array_equal(split.images, np.stack([example['image'] for example in expected]))
+  np.testing.assert_array_equal(split.labels, [example['label'] for example in expected])
+  assert split.class_names == CLASSES
+  assert load_split('kdjax_test_tiny', 'test', image_size=4, data_dir=data_dir,
+                    cache_dir=cache_dir).images.shape == (4, 4, 4, 3)
+  with pytest.raises(UserError, match='no split'):
+    load_split('kdjax_test_tiny', 'validation', data_dir=data_dir, cache_dir=cache_dir)
+
+
+def test_compact_copy_loads_with_the_same_layout(tmp_path, cache_dir):
+  make_tree(tmp_path / 'src' / 'mydata', size=12)
+  tar = make_tar(tmp_path / 'src', tmp_path / 'mydata.tar.gz')
+  out = str(tmp_path / 'small-6.tar.gz')
+  assert compact.main([tar, out, '--size', '6']) == 0
+  small = load_split(out, 'train', cache_dir=cache_dir)
+  original = load_split(tar, 'train', cache_dir=cache_dir)
+  assert small.images.shape == (len(CLASSES) * PER_CLASS, 6, 6, 3)
+  np.testing.assert_array_equal(small.labels, original.labels)  # Same names, so the same fixed order.
+  assert compact.main([str(tmp_path / 'src'), str(tmp_path / 'from-folder.tgz'), '--size', '6']) == 0
+  np.testing.assert_array_equal(load_split(str(tmp_path / 'from-folder.tgz'), 'test', cache_dir=cache_dir).labels,
+                                load_split(out, 'test', cache_dir=cache_dir).labels)
