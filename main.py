@@ -61,7 +61,7 @@ def parse_flags(argv):
 
 def _quiet_orbax(record) -> bool:
   """Orbax logs every save and restore at INFO; keep its warnings, drop the chatter from the console."""
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+  return record.levelno >= 30 or '/orbax/' not in record.pathname  # 30: Python's WARNING
 
 
 def main(argv):
@@ -71,7 +71,11 @@ def main(argv):
   from kdjax import suites
   from kdjax.errors import UserError
   mesh.maybe_initialize_distributed()
-  cfg = _CONFIG.value
+  try:
+    cfg = _CONFIG.value
+    cfg.keys()  # the config loads lazily: make a missing or broken file fail here
+  except Exception as error:  # the config file is missing or raised while loading
+    _fail(_explain_flag_error(sys.argv, error))
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
   workdir = _WORKDIR.value or os.path.join('workdirs', name)

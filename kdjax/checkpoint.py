@@ -85,11 +85,17 @@ def restore_model_variables(workdir: str, variables) -> Any:
     directory = os.path.abspath(os.path.join(workdir, sub))
     if not os.path.isdir(directory):
       continue
-    manager = ocp.CheckpointManager(directory)
+    manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                                              'meta': ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
       continue
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    # Restore onto this process's first device whatever topology the run was saved from (its device count may
+    # differ from ours); the caller places the result on the mesh.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          manager.item_metadata(step)['state'])
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
     return _fill(variables, saved, f'{directory}/{step}')
   raise UserError(f'no checkpoint in {workdir}; train the teacher first (e.g. python main.py --config '
@@ -104,12 +110,12 @@ def _fill(variables, saved: dict[str, np.ndarray], where: str):
     key = state_lib.path_string(path)
     if key not in saved:
       mismatches.append(f'{key} missing')
-    elif tuple(saved[key].shape) != tuple(variable.value.shape):
-      mismatches.append(f'{key} {tuple(saved[key].shape)} in checkpoint vs {tuple(variable.value.shape)} in model')
+    elif tuple(saved[key].shape) != tuple(variable.get_value().shape):
+      mismatches.append(f'{key} {tuple(saved[key].shape)} in checkpoint vs {tuple(variable.get_value().shape)} in model')
   if mismatches:
     raise UserError(f'teacher checkpoint {where} does not fit the configured teacher model: '
                     f'{"; ".join(mismatches[:3])}{" ..." if len(mismatches) > 3 else ""} '
                     f'({len(mismatches)} mismatches); set teacher.name to the model that run trained')
   for path, variable in flat:
-    variable.value = np.asarray(saved[state_lib.path_string(path)], dtype=variable.value.dtype)
+    variable.set_value(np.asarray(saved[state_lib.path_string(path)], dtype=variable.get_value().dtype))
   return variables

@@ -138,7 +138,7 @@ def _check_known_keys(cfg, schema, prefix=''):
     elif type(schema[key]) is float and isinstance(value, int) and not isinstance(value, bool):
       continue
     elif schema[key] is not None and not isinstance(value, type(schema[key])):
-      raise UserError(f'config `{path}` must be a {type(schema[key]).__name__}, got {value!r}')
+      raise UserError(f'config `{path}` must be of type {type(schema[key]).__name__}, got {value!r}')
 
 
 def _check_phases(cfg):
@@ -195,3 +195,32 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.suite == 'single' and uses_teacher(cfg) and not cfg.teacher.workdir:
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
                     'set --config.teacher.workdir=DIR of a finished teacher run')
+
+
+def stagewise(num_stages: int, stage_epochs: float, classifier_epochs: float, stage_optimizer, classifier_optimizer,
+              *, freeze_earlier: bool = True, finetune_backbone: bool = False, feature_loss: str = 'feature_mse'):
+  """(schedule, phases) of stage-wise distillation: phase k matches teacher map k, then a classifier phase.
+
+  Phase k trains student stage k alone (`freeze_earlier`) or stages 0..k, with `feature_loss` between student and
+  teacher feature map k (an adapter is learned where channel counts differ). The last phase trains the head on
+  labels with the backbone frozen, or everything when `finetune_backbone`.
+  """
+  phases, schedule = {}, []
+  for k in range(num_stages):
+    stages = str(k) if freeze_earlier else '|'.join(str(i) for i in range(k + 1))
+    phases[f'stage{k}'] = phase(stage_epochs, {'feature': loss_term(feature_loss, student_stage=k, teacher_stage=k)},
+                                stage_optimizer, trainable=f'^stages/({stages})/')
+    schedule.append(f'stage{k}')
+  phases['classifier'] = phase(classifier_epochs, {'ce': loss_term('ce')}, classifier_optimizer,
+                               trainable='.*' if finetune_backbone else '^head/')
+  schedule.append('classifier')
+  return tuple(schedule), ml_collections.ConfigDict(phases)
+
+
+def joint(num_maps: int, epochs: float, opt, *, map_weights=None, ce_weight: float = 1.0):
+  """(schedule, phases) of joint mode: CE plus the first `num_maps` feature maps' losses in one phase."""
+  weights = map_weights or (1.0,) * num_maps
+  losses = {'ce': loss_term('ce', weight=ce_weight)}
+  for k in range(num_maps):
+    losses[f'feature{k}'] = loss_term('feature_mse', weight=weights[k], student_stage=k, teacher_stage=k)
+  return ('joint',), ml_collections.ConfigDict({'joint': phase(epochs, losses, opt)})

@@ -39,7 +39,7 @@ def trainable_filter(pattern: str):
 
 def split_trainable(tree: nnx.State, pattern: str) -> tuple[nnx.State, nnx.State]:
   """(matching, rest) of an nnx.State, by path regex."""
-  return tree.split(trainable_filter(pattern), ...)
+  return nnx.split_state(tree, trainable_filter(pattern), ...)
 
 
 def merge(*trees: nnx.State) -> nnx.State:

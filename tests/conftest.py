@@ -1,0 +1,31 @@
+"""Every test sees 8 simulated CPU devices, so sharding is exercised everywhere (set before JAX is imported)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
+
+
+def run_main(*args, env=None, timeout=300, check=False):
+  """Run `python main.py ARGS` in a fresh process; returns the CompletedProcess (stdout+stderr text)."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+  if check and proc.returncode != 0:
+    raise AssertionError(f'main.py {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  return proc
+
+
+@pytest.fixture(scope='session')
+def teacher_workdir(tmp_path_factory):
+  """A finished tiny teacher run (cnn3 on digits), shared by the KD and stage-wise tests."""
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  from kdjax import train
+  from tests.configs import tiny
+  train.train_and_evaluate(tiny.get_config('teacher'), workdir)
+  return workdir

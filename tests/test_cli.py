@@ -1,0 +1,41 @@
+"""`python main.py` user errors: one line on stderr, exit status 2, no traceback."""
+import pytest
+
+from tests.conftest import TINY, run_main
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config.phases.train.optimiser.learning_rate=0.1'],
+     'config key `phases.train.optimiser.learning_rate` does not exist (did you mean '
+     '`phases.train.optimizer.learning_rate`?)'),
+    (['--config.batch_sise=64'], 'did you mean `batch_size`'),
+    (['--config.batch_size=many'], '--config.batch_size=many'),
+    (['--config.data.dataset=/nonexistent/cifar'], 'not found'),
+    (['--config.teacher.workdir=/nonexistent/teacher', '--config.phases.train.losses.ce.kind=hinton_kd'],
+     'does not exist'),
+])
+def test_user_errors_are_one_clear_line(args, expected, tmp_path):
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'), *args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and expected in last, last
+
+
+def test_missing_config_file(tmp_path):
+  proc = run_main('--config', 'configs/nope.py', '--workdir', str(tmp_path / 'w'))
+  assert proc.returncode == 2
+  assert 'configs/nope.py not found' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_teacher_of_the_wrong_shape_is_refused(tmp_path, teacher_workdir):
+  proc = run_main('--config', f'{TINY}:kd', '--workdir', str(tmp_path / 'w'),
+                  f'--config.teacher.workdir={teacher_workdir}', '--config.teacher.name=cnn2')
+  assert proc.returncode == 2
+  assert 'trained a cnn3, but teacher.name is cnn2' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path, teacher_workdir):
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', teacher_workdir)
+  assert proc.returncode == 2
+  assert 'holds a different experiment' in proc.stderr.strip().splitlines()[-1]

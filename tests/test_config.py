@@ -1,0 +1,61 @@
+"""Config validation: every user mistake is one UserError naming the fix."""
+import pytest
+
+from kdjax import config as config_lib
+from kdjax.errors import UserError
+from tests.configs import tiny
+
+
+def _error(mutate, num_devices=1, arg='kd'):
+  cfg = tiny.get_config(arg)
+  cfg.teacher.workdir = '/somewhere'
+  with cfg.unlocked():
+    mutate(cfg)
+  with pytest.raises(UserError) as info:
+    config_lib.validate(cfg, num_devices)
+  return str(info.value)
+
+
+def test_tiny_configs_are_valid():
+  for arg in ('ce', 'teacher'):
+    config_lib.validate(tiny.get_config(arg), 8)
+
+
+@pytest.mark.parametrize('mutate, expected', [
+    (lambda c: c.phases.train.losses.kd.update(temperature=-1.0), '`temperature` must be > 0'),
+    (lambda c: c.phases.train.losses.kd.update(alpha=1.5), '`alpha` must be in [0, 1]'),
+    (lambda c: c.phases.train.losses.kd.update(temprature=2.0), 'did you mean `temperature`'),
+    (lambda c: c.phases.train.losses.kd.update(kind='hintn_kd'), 'choose one of'),
+    (lambda c: c.phases.train.losses.kd.update(weight=-1.0), 'weight` must be >= 0'),
+    (lambda c: setattr(c, 'batch_size', 12), 'multiple of the device count (8)'),
+    (lambda c: setattr(c, 'compute_dtype', 'float16'), 'choose one of: bfloat16, float32'),
+    (lambda c: setattr(c, 'schedule', ('train', 'finetune')), 'names phase `finetune`'),
+    (lambda c: c.phases.train.update(epochs=0.0), 'epochs` must be > 0'),
+    (lambda c: c.phases.train.optimizer.update(name='lamb'), 'choose one of: adam, adamw, sgd'),
+    (lambda c: c.phases.train.optimizer.update(schedule='exp'), 'choose one of: constant, cosine'),
+    (lambda c: c.data.update(augment='mixup'), 'choose one of'),
+    (lambda c: setattr(c, 'bath_size', 4), 'did you mean `batch_size`'),
+    (lambda c: c.data.update(datset='x'), 'did you mean `data.dataset`'),
+    (lambda c: c.teacher.update(workdir=''), 'teacher.workdir` is empty'),
+])
+def test_bad_values_name_the_fix(mutate, expected):
+  assert expected in _error(mutate, num_devices=8)
+
+
+def test_unknown_key_suggests_closest():
+  error = config_lib.unknown_key_error('phases.train.optimiser.learning_rate', tiny.get_config('ce'))
+  assert 'did you mean `phases.train.optimizer.learning_rate`' in str(error)
+
+
+def test_stagewise_helper_builds_freezing_phases():
+  opt = config_lib.optimizer()
+  schedule, phases = config_lib.stagewise(3, 1.0, 2.0, opt, opt)
+  assert schedule == ('stage0', 'stage1', 'stage2', 'classifier')
+  assert phases.stage2.trainable == '^stages/(2)/'
+  assert phases.classifier.trainable == '^head/'
+  _, phases = config_lib.stagewise(3, 1.0, 2.0, opt, opt, freeze_earlier=False, finetune_backbone=True)
+  assert phases.stage2.trainable == '^stages/(0|1|2)/'
+  assert phases.classifier.trainable == '.*'
+  schedule, phases = config_lib.joint(3, 5.0, opt, map_weights=(1.0, 0.5, 0.25))
+  assert set(phases.joint.losses) == {'ce', 'feature0', 'feature1', 'feature2'}
+  assert phases.joint.losses.feature2.weight == 0.25

@@ -1,0 +1,163 @@
+"""Integration tests of the training loop on tiny digits runs (8 simulated devices unless said otherwise)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from kdjax import checkpoint as ckpt_lib
+from kdjax import config as config_lib
+from kdjax import objective as objective_lib
+from kdjax import state as state_lib
+from kdjax import steps
+from kdjax import train
+from kdjax.data import augment
+from kdjax.models import create_model
+from tests.conftest import ROOT, TINY, run_main
+from tests.configs import tiny
+
+
+def final_variables(workdir, sub='checkpoints') -> dict[str, np.ndarray]:
+  """{path: array} of the student's params and model state in the newest checkpoint of a run."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, sub)))
+  raw = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  return {**ckpt_lib._flatten_raw(raw['params']), **ckpt_lib._flatten_raw(raw['model_state']),
+          'step': np.asarray(raw['step'])}
+
+
+def checkpoint_step_meta(workdir, step):
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch():
+  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
+  objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
+  tx = optax.adam(1e-2)
+  spec = steps.PhaseStep(
+      student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
+      trainable='.*', frozen_bn=True,
+      preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
+                                  evaluate=lambda x: x / 255.0, mean=(0.5,), std=(0.25,), dtype=jnp.float32))
+  state = state_lib.init_state(params, model_state, adapter_params, tx.init((params, adapter_params)), 0, 1)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)),
+           'label': jnp.asarray(rng.integers(0, 10, (16,), dtype=np.int32))}
+  step_fn = jax.jit(lambda s, b: steps.train_step(spec, s, None, b))
+  losses = []
+  for _ in range(30):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics.compute()['loss']))
+  assert losses[-1] < 0.2 * losses[0], losses
+  assert int(state.step) == 30
+
+
+def test_run_on_8_devices_matches_1_device(tmp_path):
+  assert jax.device_count() == 8
+  eight = str(tmp_path / 'eight')
+  summary = train.train_and_evaluate(tiny.get_config('ce'), eight)
+  one = str(tmp_path / 'one')
+  run_main('--config', f'{TINY}:ce', '--workdir', one,
+           env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}, check=True)
+  a, b = final_variables(eight), final_variables(one)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  assert summary['eval_top1'] > 0.5  # 4 epochs on half the digits: far above chance (0.1)
+
+
+def _kill_and_resume(config_arg, workdir, kills, extra=()):
+  """Start the run, SIGKILL it right after each new checkpoint appears, `kills` times; then let it finish."""
+  args = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', config_arg, '--workdir', workdir, *extra]
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  killed_at = []
+  for _ in range(kills):
+    seen = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+      now = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
+      new = {d for d in now - seen if d.isdigit()}
+      if new:
+        time.sleep(np.random.default_rng(len(killed_at)).uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        killed_at.append(max(int(d) for d in new))
+        break
+      time.sleep(0.02)
+    proc.wait()
+  subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=300)
+  return killed_at
+
+
+@pytest.mark.parametrize('variant', ['ce', 'stagewise'])
+def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
+  """SIGKILL at checkpoints (in phase 2 for the stage-wise run), resume: same final state as no interruption."""
+  extra = ['--config.checkpoint_every_steps=7', f'--config.teacher.workdir={teacher_workdir}']
+  whole = str(tmp_path / 'whole')
+  run_main('--config', f'{TINY}:{variant}', '--workdir', whole, *extra, check=True)
+  interrupted = str(tmp_path / 'interrupted')
+  killed_at = _kill_and_resume(f'{TINY}:{variant}', interrupted, kills=3, extra=extra)
+  assert len(killed_at) == 3, killed_at
+  a, b = final_variables(whole), final_variables(interrupted)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  if variant == 'stagewise':
+    phases = {checkpoint_step_meta(interrupted, s)['phase_name']
+              for s in ocp.CheckpointManager(os.path.abspath(os.path.join(interrupted, 'checkpoints'))).all_steps()}
+    assert phases  # meta records the phase
+
+
+def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
+  cfg = tiny.get_config('stagewise')
+  cfg.teacher.workdir = teacher_workdir
+  cfg.keep_checkpoints = 20
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(cfg, workdir)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
+  by_phase = {}
+  for step in manager.all_steps():
+    by_phase[checkpoint_step_meta(workdir, step)['phase_name']] = step  # last checkpoint of each phase
+  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(params=0, dropout=1),
+                       hidden=16, dropout=0.0)
+  initial = {state_lib.path_string(p): np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()}
+
+  def params_at(step):
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return ckpt_lib._flatten_raw(raw['params'])
+
+  after = {name: params_at(step) for name, step in by_phase.items()}
+  changed = lambda a, b: sorted(k for k in a if not np.array_equal(a[k], b[k]))
+  assert all(k.startswith('stages/0/') for k in changed(initial, after['stage0']))
+  assert changed(initial, after['stage0'])
+  assert all(k.startswith('stages/1/') for k in changed(after['stage0'], after['stage1']))
+  assert changed(after['stage0'], after['stage1'])
+  assert all(k.startswith('head/') for k in changed(after['stage1'], after['classifier']))
+  assert changed(after['stage1'], after['classifier'])
+
+
+def test_kd_run_reports_agreement_with_its_teacher(tmp_path, teacher_workdir):
+  cfg = tiny.get_config('kd')
+  cfg.teacher.workdir = teacher_workdir
+  summary = train.train_and_evaluate(cfg, str(tmp_path / 'kd'))
+  assert 0.0 <= summary['eval_agreement'] <= 1.0
+  assert summary['eval_agreement'] > 0.3
+
+
+def test_finished_run_is_not_retrained(tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  second = train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  assert second['steps'] == first['steps']
+  assert second['eval_top1'] == first['eval_top1']
