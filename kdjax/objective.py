@@ -27,12 +27,17 @@ def _unit_interval(name):
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-  """A loss term kind: `compute(args, student_out, teacher_out, labels, adapters)` returns a scalar."""
+  """A loss term kind: `compute(args, student_out, teacher_out, labels, adapters, step)` returns a scalar."""
   compute: Callable[..., jax.Array]
   defaults: dict[str, Any]
   needs_teacher: bool
   checks: dict[str, Callable[[Any], str | None]] = dataclasses.field(default_factory=dict)
   uses_features: bool = False
+  same_channels: bool = False   # the loss compares channel by channel, so an adapter is needed when they differ
+
+
+def _global_pool(x):
+  return x.mean(axis=(1, 2)) if x.ndim == 4 else x
 
 
 def _adapted(args, student_out, teacher_out, adapters):
@@ -42,33 +47,51 @@ def _adapted(args, student_out, teacher_out, adapters):
   key = adapter_key(args)
   if adapters is not None and key in adapters.maps:
     student = adapters.maps[key](student)
+  if args.get('pool') == 'avg':
+    student, teacher = _global_pool(student), _global_pool(teacher)
   return student, teacher
 
 
-def _feature_term(loss_fn, **extra_defaults):
+def _feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
+  """A term on one student and one teacher feature map (by stage index; -1 = the last, the head's input)."""
+  defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else False, **extra_defaults)
+  if pool is not None:
+    defaults['pool'] = pool
   return Term(
-      compute=lambda a, s, t, y, ad: loss_fn(*_adapted(a, s, t, ad),
-                                             **{k: a[k] for k in extra_defaults}),
-      defaults=dict(student_stage=-1, teacher_stage=-1, adapter='auto', **extra_defaults),
-      needs_teacher=True, uses_features=True)
+      compute=lambda a, s, t, y, ad, step: loss_fn(*_adapted(a, s, t, ad), **{k: a[k] for k in extra_defaults}),
+      defaults=defaults, needs_teacher=True, uses_features=True, same_channels=same_channels)
 
 
 def _logit_term(loss_fn, with_labels=False, checks=None, **defaults):
-  def compute(a, s, t, y, ad):
-    if with_labels:
-      return loss_fn(s[0], t[0], y, **a)
-    return loss_fn(s[0], t[0], **a)
+  def compute(a, s, t, y, ad, step):
+    return loss_fn(s[0], t[0], y, **a) if with_labels else loss_fn(s[0], t[0], **a)
   return Term(compute=compute, defaults=defaults, needs_teacher=True, checks=checks or {})
 
 
+def _dkd(a, s, t, y, ad, step):
+  """Decoupled KD with its linear warm-up of the loss weight over the first `warmup_steps` steps."""
+  args = {k: v for k, v in a.items() if k != 'warmup_steps'}
+  return losses.linear_warmup(step, a['warmup_steps']) * losses.dkd(s[0], t[0], y, **args)
+
+
+_TEMPERATURE = dict(temperature=_positive('temperature'))
+
 TERMS: dict[str, Term] = {
-    'ce': Term(compute=lambda a, s, t, y, ad: losses.cross_entropy(s[0], y, **a),
+    'ce': Term(compute=lambda a, s, t, y, ad, step: losses.cross_entropy(s[0], y, **a),
                defaults=dict(label_smoothing=0.0), needs_teacher=False,
                checks=dict(label_smoothing=_unit_interval('label_smoothing'))),
     'hinton_kd': _logit_term(losses.hinton_kd, with_labels=True, alpha=0.5, temperature=4.0,
-                             checks=dict(alpha=_unit_interval('alpha'), temperature=_positive('temperature'))),
-    'kd': _logit_term(losses.kd_divergence, temperature=4.0, checks=dict(temperature=_positive('temperature'))),
-    'feature_mse': _feature_term(losses.feature_mse),
+                             checks=dict(alpha=_unit_interval('alpha'), **_TEMPERATURE)),
+    'kd': _logit_term(losses.kd_divergence, temperature=4.0, checks=_TEMPERATURE),
+    'dkd': Term(compute=_dkd, defaults=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=0),
+                needs_teacher=True, checks=_TEMPERATURE),
+    'dist': _logit_term(losses.dist, beta=1.0, gamma=1.0, temperature=1.0, checks=_TEMPERATURE),
+    'lskd': _logit_term(losses.logit_standardized_kd, temperature=2.0, checks=_TEMPERATURE),
+    'feature_mse': _feature_term(losses.feature_mse, same_channels=True),   # FitNets hints / stage matching
+    'sp': _feature_term(losses.similarity_preserving),
+    'at': _feature_term(losses.attention_transfer, p=2),
+    'rkd': _feature_term(losses.relational_kd, pool='avg', distance_weight=25.0, angle_weight=50.0),
+    'pkt': _feature_term(losses.pkt, pool='avg'),
 }
 
 
@@ -127,7 +150,7 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
       c_out = _stage(teacher_channels, args['teacher_stage'], 'teacher')
       if args['adapter'] is True or (args['adapter'] == 'auto' and c_in != c_out):
         shapes[adapter_key(args)] = (c_in, c_out)
-      elif c_in != c_out:
+      elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '
                         f'{args["teacher_stage"]} has {c_out}; set adapter=\'auto\' to learn a 1x1 adapter')
   return shapes
@@ -144,8 +167,8 @@ def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
   """One function computing the weighted sum of a phase's terms and each term's value."""
   terms = [(name, TERMS[t.kind], term_args(t), float(t.weight)) for name, t in sorted(losses_cfg.items())]
 
-  def objective(student_out, teacher_out, labels, adapters):
-    values = {name: term.compute(args, student_out, teacher_out, labels, adapters)
+  def objective(student_out, teacher_out, labels, adapters, step):
+    values = {name: term.compute(args, student_out, teacher_out, labels, adapters, step)
               for name, term, args, _ in terms}
     total = sum(weight * values[name] for name, _, _, weight in terms)
     return total, values

@@ -81,7 +81,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
     model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
     student_out = model(images, train=True)
     adapters = nnx.merge(spec.adapter_def, adapter_params)
-    loss, terms = spec.objective(student_out, teacher_out, labels, adapters)
+    loss, terms = spec.objective(student_out, teacher_out, labels, adapters, state.step)
     return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)))
 
   (loss, (terms, logits, model_state)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
