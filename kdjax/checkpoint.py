@@ -5,7 +5,7 @@ checkpoint is the `TrainState` plus a JSON `meta` (phase, epoch, best accuracy s
 resumed run knows which phase it is in and a KD run can read its teacher without the teacher's training code.
 """
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -26,6 +26,7 @@ class Checkpoints:
   """`latest` keeps the last `keep` checkpoints; `best` keeps one. Saves are asynchronous; `close` waits."""
 
   def __init__(self, workdir: str, keep: int = 2):
+    self._workdir = workdir
     self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
     self.best = _manager(os.path.join(workdir, 'best'), 1)
 
@@ -37,23 +38,27 @@ class Checkpoints:
     if best:
       self.best.save(step, args=args)
 
-  def restore_latest(self, abstract_state) -> tuple[Any, dict] | None:
-    """The newest checkpoint that restores, falling back to older ones (a torn latest one is reported, kept)."""
+  def restore_latest(self, abstract_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
+    """The newest checkpoint that restores, else the one before, and so on; None when there is none.
+
+    `abstract_for_meta(meta)` gives the target structure (it depends on the phase the checkpoint was taken in). A
+    checkpoint that fails to restore (torn by a kill, corrupted on disk) is moved to `corrupt_checkpoints/` with
+    a warning -- never deleted -- so that the step can be saved again when training reaches it.
+    """
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
+        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
-      except Exception as error:  # a torn or corrupted checkpoint: try the previous one, delete nothing
-        logging.warning('checkpoint at step %d in %s cannot be restored (%s); trying the previous one',
-                        step, self.latest.directory, error)
+      except Exception as error:  # pylint: disable=broad-except
+        aside = os.path.join(self._workdir, 'corrupt_checkpoints', str(step))
+        logging.warning('checkpoint %d in %s cannot be restored (%s: %s); moved to %s, falling back to the '
+                        'previous one', step, self.latest.directory, type(error).__name__, error, aside)
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.replace(os.path.join(self.latest.directory, str(step)), aside)
+        self.latest.reload()
     return None
-
-  def latest_meta(self) -> dict | None:
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def close(self) -> None:
     self.latest.wait_until_finished()

@@ -166,14 +166,17 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
 
   checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
   writer = writers.create_writer(workdir)
-  meta = checkpoints.latest_meta()
-  if meta is None:
+  def abstract_for_meta(meta):
+    return jax.tree.map(_abstract, phase_state(meta['phase'])[1])
+
+  restored = checkpoints.restore_latest(abstract_for_meta)
+  if restored is None:
     phase_index, (tx, state) = 0, phase_state(0)
     best_top1 = -1.0
   else:
+    state, meta = restored
     phase_index = meta['phase']
-    tx, abstract = phase_state(phase_index)
-    state, meta = checkpoints.restore_latest(jax.tree.map(_abstract, abstract))
+    tx = phase_state(phase_index)[0]
     state = jax.device_put(state, replicated)
     best_top1 = meta['best_top1']
     logging.info('resumed from step %d (phase %s)', int(state.step), plan.names[phase_index])

@@ -25,13 +25,15 @@ def conv(
   *,
   stride: int = 1,
   use_bias: bool = False,
+  groups: int = 1,
   dtype: Any,
   rngs: nnx.Rngs,
 ) -> nnx.Conv:
   """A square conv with PyTorch's symmetric `kernel // 2` padding.
 
   Explicit padding instead of 'SAME' matters for strided convs: 'SAME' pads (0, 1) on even inputs where PyTorch pads
-  (1, 1), which would shift every feature map of a model loaded from torchvision weights.
+  (1, 1), which would shift every feature map of a model loaded from torchvision weights. `groups` splits the channels
+  like PyTorch's `groups` (`groups == in_ch == out_ch` is a depthwise conv, as in ShuffleNet/MobileNet).
   """
   pad = kernel // 2
   return nnx.Conv(
@@ -41,6 +43,7 @@ def conv(
     strides=(stride, stride),
     padding=((pad, pad), (pad, pad)),
     use_bias=use_bias,
+    feature_group_count=groups,
     kernel_init=CONV_INIT,
     dtype=dtype,
     param_dtype=PARAM_DTYPE,

@@ -126,12 +126,13 @@ class ResNetStage(nnx.Module):
 
 
 class ResNet(nnx.Module):
-  """Generic ResNet: stem + four stages + global-average-pool head.
+  """Generic ResNet: stem + one stage per entry of `block_counts` + global-average-pool head.
 
   Args:
     num_classes, image_shape, rngs, dtype: the model contract (see `kdjax.models`).
     block: 'basic' or 'bottleneck'.
-    block_counts: blocks per stage (4 stages; stage 1 keeps resolution, stages 2-4 halve it).
+    block_counts: blocks per stage (torchvision has 4 stages, the CIFAR ResNets in `resnet_cifar` 3); the first
+      stage keeps the resolution, every later one halves it.
     widths: base width per stage; a stage outputs `width * expansion` channels.
     stem: 'imagenet' (7x7/2 conv + max-pool) or 'cifar' (3x3/1 conv, no pool).
     stem_width: stem channels; defaults to 64 like torchvision.

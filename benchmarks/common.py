@@ -1,0 +1,287 @@
+"""What the benchmark scripts share: phases built the way `kdjax.train` builds them, timers and reports.
+
+The benchmarks must measure the step that training really runs, so nothing here re-implements a step: a phase is
+assembled from kdjax's own pieces (the model registry, `build_objective`, `make_optimizer`, `init_state`,
+`PhaseStep`, `jit_train_step`, `ResidentDataset`) in the order `kdjax.train.train_and_evaluate` uses them, over the
+1-D data mesh of all local devices. Timed loops call `jax.block_until_ready` only after their last step, so the host
+runs ahead of the device as it does in training.
+"""
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+from flax import nnx
+
+from kdjax import config as config_lib
+from kdjax import mesh as mesh_lib
+from kdjax import metrics as metrics_lib
+from kdjax import objective as objective_lib
+from kdjax import optim
+from kdjax import run_data
+from kdjax import state as state_lib
+from kdjax import steps
+from kdjax.data import augment
+from kdjax.data import loader
+from kdjax.data import sources
+from kdjax.models import create_model
+from kdjax.train import DTYPES
+
+# kdjax's cnn2 has a 128-unit hidden layer with dropout by default; the PyTorch peer's CNN2 has neither. The
+# benchmarks build the peer's shape so that both sides run the same model.
+ARCH_KWARGS = {'cnn2': dict(hidden=0, dropout=0.0)}
+NUM_SYNTHETIC_CLASSES = 10
+
+
+def peer_recipe(learning_rate: float) -> Any:
+  """The PyTorch peer's optimizer: SGD, Nesterov momentum 0.9, L2 5e-4, one-cycle schedule."""
+  return config_lib.optimizer('sgd', learning_rate, nesterov=True, weight_decay=5e-4, schedule='onecycle')
+
+
+def parse_kd(spec: str) -> tuple[float, float]:
+  """'alpha:temperature' (a third ':lr' field, as the peer takes, is ignored here)."""
+  alpha, temperature = (float(v) for v in spec.split(':')[:2])
+  return alpha, temperature
+
+
+def phase_losses(kd: tuple[float, float]) -> dict[str, tuple[str, dict]]:
+  """Each benchmarked phase: (which model trains, its loss terms). The KD phase adds the frozen teacher."""
+  alpha, temperature = kd
+  ce = {'ce': config_lib.loss_term('ce')}
+  hinton = {'kd': config_lib.loss_term('hinton_kd', alpha=alpha, temperature=temperature)}
+  return {'teacher': ('teacher', ce), 'student_ce': ('student', ce), 'student_kd': ('student', hinton)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data.
+
+def synthetic_images(num_examples: int, image_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+  """Random uint8 images and labels: speed does not depend on pixel values, and no download is needed."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (num_examples, image_size, image_size, 3), dtype=np.uint8)
+  labels = rng.integers(0, NUM_SYNTHETIC_CLASSES, num_examples).astype(np.int32)
+  return images, labels, NUM_SYNTHETIC_CLASSES
+
+
+def load_images(dataset: str, image_size: int, num_examples: int, cache_dir: str = ''
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+  """`synthetic`, or the training split of any kdjax dataset source (resized to image_size unless 0)."""
+  if dataset == 'synthetic':
+    return synthetic_images(num_examples, image_size)
+  split = sources.load_split(os.path.expanduser(dataset), 'train', image_size=image_size or None,
+                             cache_dir=cache_dir or None)
+  count = min(num_examples, len(split.labels)) if num_examples else len(split.labels)
+  return split.images[:count], split.labels[:count].astype(np.int32), len(split.class_names)
+
+
+def resident(images: np.ndarray, labels: np.ndarray, mesh) -> loader.ResidentDataset:
+  return loader.ResidentDataset.from_arrays(images, labels, mesh)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phases.
+
+@dataclasses.dataclass
+class Phase:
+  """One phase's jitted train and eval steps and its (replicated) state, as `kdjax.train` holds them."""
+  name: str
+  train_fn: Any         # jax.jit of steps.train_step (student state donated)
+  eval_fn: Any          # jax.jit of steps.eval_step
+  state: state_lib.TrainState
+  teacher_vars: Any     # None without a teacher
+
+
+def make_preprocess(images: np.ndarray, dtype, augment_name: str = 'crop_flip') -> steps.Preprocess:
+  size = images.shape[1]
+  mean, std = run_data.channel_stats(images)
+  return steps.Preprocess(
+      augment=lambda rng, x: augment.AUGMENTATIONS[augment_name](rng, x, image_size=size),
+      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=mean, std=std, dtype=dtype)
+
+
+def build_model(name: str, *, num_classes: int, image_shape, dtype, seed: int) -> nnx.Module:
+  return create_model(name, num_classes=num_classes, image_shape=tuple(image_shape),
+                      rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype, **ARCH_KWARGS.get(name, {}))
+
+
+def frozen_teacher(name: str, *, num_classes: int, image_shape, dtype, mesh) -> tuple[steps.Teacher, Any]:
+  """A freshly initialised teacher: its speed is a trained one's (only the values of its weights differ)."""
+  graphdef, variables = nnx.split(build_model(name, num_classes=num_classes, image_shape=image_shape,
+                                              dtype=dtype, seed=100))
+  return steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
+
+
+def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | None, num_classes: int,
+                image_shape, preprocess: steps.Preprocess, opt_cfg, total_steps: int, steps_per_epoch: int,
+                mesh, seed: int = 0) -> Phase:
+  """A phase's state and jitted steps, in the order `train_and_evaluate` makes them."""
+  student = build_model(model_name, num_classes=num_classes, image_shape=image_shape, dtype=preprocess.dtype,
+                        seed=seed)
+  adapters = objective_lib.Adapters({}, rngs=nnx.Rngs(seed + 2), dtype=preprocess.dtype)
+  student_def, params, model_state = nnx.split(student, nnx.Param, ...)
+  adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
+  tx = optim.make_optimizer(opt_cfg, total_steps, steps_per_epoch)
+  trainable, _ = state_lib.split_trainable(params, '.*')
+  opt_state = tx.init((trainable, adapter_params))
+  state = state_lib.init_state(params, model_state, adapter_params, opt_state, seed, len(losses))
+  replicated = mesh_lib.replicated(mesh)
+  objective, term_names = objective_lib.build_objective(config_lib.phase(1, losses).losses)
+  teacher_def, teacher_vars = teacher if teacher is not None else (None, None)
+  spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher_def, objective=objective,
+                         term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess)
+  return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
+               eval_fn=steps.jit_eval_step(student_def, teacher_def, preprocess),
+               state=jax.device_put(state, replicated), teacher_vars=teacher_vars)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing.
+
+def compile_timed(jitted, *args) -> tuple[Any, float]:
+  """(compiled executable, seconds to trace, lower and compile it): the one-off cost before the first step."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def train_loop(compiled, state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int, first: int,
+               count: int):
+  """`count` steps exactly as `kdjax.train` runs them: gather the batch on device, step, merge the metrics."""
+  order = dataset.epoch_order(0, 0)
+  steps_per_epoch = dataset.steps_per_epoch(batch_size)
+  acc = None
+  for step in range(first, first + count):
+    batch = dataset.train_batch(order, step % steps_per_epoch, batch_size)
+    state, step_metrics = compiled(state, teacher_vars, batch)
+    acc = step_metrics if acc is None else metrics_lib.merge(acc, step_metrics)
+  return state, acc
+
+
+def time_train(compiled, state, teacher_vars, dataset, batch_size: int, steps_: int, warmup: int):
+  """(new state, seconds for `steps_` steady-state steps of the training loop), after `warmup` untimed steps."""
+  state, acc = train_loop(compiled, state, teacher_vars, dataset, batch_size, 0, warmup)
+  jax.block_until_ready((state, acc))
+  t0 = time.perf_counter()
+  state, acc = train_loop(compiled, state, teacher_vars, dataset, batch_size, warmup, steps_)
+  jax.block_until_ready((state, acc))
+  return state, time.perf_counter() - t0
+
+
+def time_step_only(compiled, state, teacher_vars, batches: list, steps_: int, warmup: int):
+  """(new state, seconds) of the step alone on pre-gathered batches: the loop's cost minus gather and merge."""
+  for i in range(warmup):
+    state, _ = compiled(state, teacher_vars, batches[i % len(batches)])
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(steps_):
+    state, _ = compiled(state, teacher_vars, batches[i % len(batches)])
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - t0
+
+
+def eval_pass(compiled, state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int):
+  """One pass over the split as `kdjax.train.evaluate` makes it (masked batches, merged metrics); seconds."""
+  t0 = time.perf_counter()
+  total = None
+  for batch in dataset.eval_batches(batch_size):
+    batch_metrics = compiled(state, teacher_vars, batch)
+    total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
+  jax.block_until_ready(total)
+  return time.perf_counter() - t0
+
+
+def median_time(fn, repeats: int) -> float:
+  """Median wall seconds of `fn()` (which must block): robust to one slow run on a shared machine."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory and environment.
+
+def peak_device_bytes() -> int | None:
+  """The runtime's peak bytes in use on device 0 since the process started, or None where not reported (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def compiled_memory(compiled) -> dict[str, int | None]:
+  """XLA's per-device buffer plan of a compiled step (arguments, outputs, temporaries, peak); known on CPU too."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {'argument_bytes': None, 'temp_bytes': None, 'peak_bytes': None}
+  return {'argument_bytes': int(analysis.argument_size_in_bytes), 'temp_bytes': int(analysis.temp_size_in_bytes),
+          'peak_bytes': int(getattr(analysis, 'peak_memory_in_bytes', 0)) or None}
+
+
+def cost(compiled) -> dict[str, float]:
+  """XLA's cost analysis of a compiled program (per device for a sharded one): flops and bytes accessed."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0))}
+
+
+def environment(argv: list[str] | None) -> dict[str, Any]:
+  """What a figure depends on besides the code: the devices, the versions, when, and the exact command."""
+  device = jax.local_devices()[0]
+  command = [os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else 'python'] + list(
+      sys.argv[1:] if argv is None else argv)
+  return {'device_kind': device.device_kind, 'platform': device.platform, 'device_count': jax.device_count(),
+          'jax_version': jax.__version__, 'flax_version': flax.__version__, 'python': platform.python_version(),
+          'cpu_count': os.cpu_count(), 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'command': ' '.join(command), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports.
+
+def fmt(value: Any) -> str:
+  """A table cell: thousands separators for big numbers, 3 significant digits for small ones, '—' for None."""
+  if value is None:
+    return '—'
+  if isinstance(value, str):
+    return value
+  if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+    return str(value)
+  if abs(value) >= 100:
+    return f'{value:,.0f}'
+  return f'{value:.3g}'
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+  """`columns` are (key, header) pairs; a missing key prints as '—'."""
+  lines = ['| ' + ' | '.join(header for _, header in columns) + ' |',
+           '|' + '|'.join('---' for _ in columns) + '|']
+  lines += ['| ' + ' | '.join(fmt(row.get(key)) for key, _ in columns) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=2, default=str)
+  print(f'wrote {path}')
+
+
+def mib(num_bytes: int | None) -> float | None:
+  return None if num_bytes is None else num_bytes / 2**20
+
+
+def dtype_of(name: str):
+  return DTYPES[name]

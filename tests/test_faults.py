@@ -1,0 +1,65 @@
+"""Faults: NaN/Inf updates, corrupted checkpoints. Finished work is never lost."""
+import os
+
+import numpy as np
+import pytest
+
+from kdjax import config as config_lib
+from kdjax import train
+from tests.configs import tiny
+from tests.test_train import final_variables
+
+
+def _diverging_config(nonfinite):
+  """Phase 1 trains normally (and checkpoints); phase 2's absurd learning rate makes the loss blow up."""
+  cfg = tiny.get_config('ce')
+  good = config_lib.phase(1, {'ce': config_lib.loss_term('ce')}, config_lib.optimizer('adam', learning_rate=3e-3))
+  bad = config_lib.phase(1, {'ce': config_lib.loss_term('ce')},
+                         config_lib.optimizer('sgd', learning_rate=1e30, schedule='constant'))
+  cfg.schedule = ('good', 'bad')
+  cfg.phases = {'good': good, 'bad': bad}
+  cfg.nonfinite = nonfinite
+  return cfg
+
+
+def test_nonfinite_loss_stops_with_step_terms_and_kept_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(_diverging_config('stop'), workdir)
+  message = str(info.value)
+  assert 'non-finite loss or gradient at step' in message
+  assert 'terms: ce' in message or 'gradients only' in message
+  bad_step = int(message.split('at step ')[1].split()[0])
+  assert bad_step >= 22  # phase 'good' has 22 steps and stays finite
+  kept = final_variables(workdir)
+  assert f'checkpoint (step {int(kept["step"])}) is kept' in message
+  assert all(np.isfinite(v).all() for v in kept.values())
+
+
+def test_nonfinite_updates_can_be_skipped_and_counted(tmp_path):
+  summary = train.train_and_evaluate(_diverging_config('skip'), str(tmp_path / 'run'))
+  assert summary['nonfinite_updates'] > 0
+  assert all(np.isfinite(v).all() for v in final_variables(str(tmp_path / 'run')).values())
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  cfg = tiny.get_config('ce')
+  cfg.checkpoint_every_steps = 10
+  cfg.keep_checkpoints = 10
+  workdir = str(tmp_path / 'run')
+  first = train.train_and_evaluate(cfg, workdir)
+  reference = final_variables(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  latest = os.path.join(ckpt_dir, str(steps[-1]), 'state')
+  for root, _, files in os.walk(latest):  # truncate every data file of the latest checkpoint
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+  second = train.train_and_evaluate(cfg, workdir)
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))  # moved aside, not deleted
+  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps[:-1])
+  assert second['steps'] == first['steps']
+  resumed = final_variables(workdir)
+  for key in reference:
+    np.testing.assert_array_equal(reference[key], resumed[key], err_msg=key)
