@@ -6,7 +6,7 @@ phase schedule, the loss terms' arguments) before any data is loaded, so a bad c
 the dataset is decoded.
 """
 import difflib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
@@ -154,10 +154,6 @@ def _check_phases(cfg):
     if name not in cfg.schedule:
       raise UserError(f'phase `{name}` is defined but not in `schedule`; add it or delete it')
     _check_known_keys({k: v for k, v in ph.items() if k != 'losses'}, template, f'phases.{name}.')
-    if ph.epochs <= 0:
-      raise UserError(f'config `phases.{name}.epochs` must be > 0, got {ph.epochs}')
-    if ph.optimizer.learning_rate < 0:
-      raise UserError(f'config `phases.{name}.optimizer.learning_rate` must be >= 0')
     if not ph.losses:
       raise UserError(f'phase `{name}` has no losses; add one, e.g. `losses={{"ce": loss_term("ce")}}`')
     for term_name, term in ph.losses.items():
@@ -168,6 +164,43 @@ def _check_phases(cfg):
       if ph.optimizer[key] not in choices:
         raise UserError(f'config `phases.{name}.optimizer.{key}` is {ph.optimizer[key]!r}; '
                         f'choose one of: {", ".join(sorted(choices))}')
+
+
+def _at_least(low, strict=False):
+  return lambda v: (v > low) if strict else (v >= low)
+
+
+# Numeric ranges, by dotted key; `phases.*.` keys apply to every phase.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'batch_size': (_at_least(1), '>= 1'),
+    'eval_batch_size': (_at_least(1), '>= 1'),
+    'eval_every_epochs': (_at_least(0, strict=True), '> 0'),
+    'log_every_steps': (_at_least(1), '>= 1'),
+    'checkpoint_every_steps': (_at_least(0), '>= 0'),
+    'keep_checkpoints': (_at_least(1), '>= 1'),
+    'data.image_size': (_at_least(0), '>= 0 (0 keeps the stored size)'),
+    'teacher.epochs': (_at_least(0, strict=True), '> 0'),
+    'phases.*.epochs': (_at_least(0, strict=True), '> 0'),
+    'phases.*.optimizer.learning_rate': (_at_least(0), '>= 0'),
+    'phases.*.optimizer.momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'phases.*.optimizer.weight_decay': (_at_least(0), '>= 0'),
+    'phases.*.optimizer.warmup_epochs': (_at_least(0), '>= 0'),
+    'phases.*.optimizer.decay_factor': (_at_least(0, strict=True), '> 0'),
+    'phases.*.optimizer.grad_clip_norm': (_at_least(0), '>= 0'),
+}
+
+
+def _check_ranges(cfg) -> None:
+  for pattern, (ok, expected) in RANGES.items():
+    for key in flat_keys(cfg):
+      parts, wanted = key.split('.'), pattern.split('.')
+      if len(parts) != len(wanted) or any(w not in ('*', p) for w, p in zip(wanted, parts)):
+        continue
+      value = cfg
+      for part in parts:
+        value = value[part]
+      if not ok(value):
+        raise UserError(f'config `{key}` must be {expected}, got {value!r}')
 
 
 def uses_teacher(cfg) -> bool:
@@ -185,12 +218,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     choices = choices_fn()
     if value not in choices:
       raise UserError(f'config `{key}` is {value!r}; choose one of: {", ".join(sorted(choices))}')
+  _check_ranges(cfg)
   for key in ('batch_size', 'eval_batch_size'):
-    if cfg[key] <= 0 or cfg[key] % num_devices:
+    if cfg[key] % num_devices:
       raise UserError(f'config `{key}`={cfg[key]} must be a positive multiple of the device count '
                       f'({num_devices}); set --config.{key}={max(num_devices, cfg[key] // num_devices * num_devices)}')
-  if cfg.data.image_size < 0:
-    raise UserError('config `data.image_size` must be >= 0 (0 keeps the stored size)')
   _check_phases(cfg)
   if cfg.suite == 'single' and uses_teacher(cfg) and not cfg.teacher.workdir:
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
