@@ -24,7 +24,6 @@ if __package__ in (None, ''):  # run as `python benchmarks/bench_steps.py`: make
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from kdjax import mesh as mesh_lib  # noqa: E402
 
 PHASES = ('teacher', 'student_ce', 'student_kd')
 COLUMNS = [('phase', 'phase'), ('model', 'model'), ('compile_s', 'compile s'), ('images_per_s', 'train img/s'),
@@ -45,6 +44,7 @@ def parse_args(argv):
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before timing')
   parser.add_argument('--dataset', default='synthetic', help='synthetic, or any kdjax dataset source (its train split)')
   parser.add_argument('--num-examples', type=int, default=10_000, help='resident examples (train and eval pass)')
+  parser.add_argument('--augment', default='crop_flip', help='kdjax.data.augment.AUGMENTATIONS name')
   parser.add_argument('--kd', default='0.5:4', help='alpha:temperature of the Hinton KD phase')
   parser.add_argument('--phases', default=','.join(PHASES), help='comma-separated subset of ' + ','.join(PHASES))
   parser.add_argument('--cache-dir', default='', help='kdjax decode cache for --dataset PATH')
@@ -93,14 +93,17 @@ def measure_phase(name: str, args, data, teacher) -> dict:
 
 
 def load_data(args) -> dict:
-  """The resident dataset, its preprocessing and shapes, shared by every phase."""
-  mesh = mesh_lib.make_data_mesh()
+  """The resident dataset, its preprocessing and shapes, and the mesh, shared by every phase."""
   num_examples = max(args.num_examples, args.batch, args.eval_batch)
   images, labels, num_classes = common.load_images(args.dataset, args.image_size, num_examples, args.cache_dir)
   if len(labels) < args.batch:
     raise SystemExit(f'{args.dataset} has {len(labels)} training examples, fewer than --batch={args.batch}')
-  return dict(mesh=mesh, dataset=common.resident(images, labels, mesh), num_classes=num_classes,
-              image_shape=images.shape[1:], preprocess=common.make_preprocess(images, common.dtype_of(args.dtype)))
+  mesh, mesh_note = common.data_mesh(args.augment, images.shape[1:])
+  if mesh_note:
+    print(f'note: {mesh_note}', file=sys.stderr)
+  return dict(mesh=mesh, mesh_note=mesh_note, dataset=common.resident(images, labels, mesh), num_classes=num_classes,
+              image_shape=images.shape[1:],
+              preprocess=common.make_preprocess(images, common.dtype_of(args.dtype), args.augment))
 
 
 def main(argv=None) -> dict:
@@ -116,6 +119,7 @@ def main(argv=None) -> dict:
   rows = [measure_phase(name, args, data, teacher) for name in args.phases]
   report = dict(common.environment(argv), benchmark='bench_steps', settings=vars(args),
                 num_examples=data['dataset'].num_examples, image_shape=list(data['image_shape']),
+                mesh_note=data['mesh_note'],
                 phases={row['phase']: row for row in rows})
   print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {args.dtype}, "
         f"batch {args.batch}, {report['image_shape'][0]} px, {args.dataset}\n")

@@ -85,7 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.checkpoint_every_steps = 0  # 0 = checkpoint at every evaluation and at the end of each phase
   cfg.keep_checkpoints = 2
   cfg.nonfinite = 'stop'       # stop | skip: what a NaN/Inf loss or gradient does
-  cfg.repeats = ml_collections.ConfigDict(dict(seeds=(0, 1, 2)))
+  cfg.repeats = ml_collections.ConfigDict(dict(seeds=(0, 1, 2)))   # suites 'repeats' and 'sweep'
+  # suite 'sweep': axes as 'dotted.key=v1,v2;other.key=v3,v4' (values parsed as Python literals), crossed with
+  # repeats.seeds; e.g. 'phases.train.losses.kd.alpha=0.1,0.5;phases.train.losses.kd.temperature=1,4'.
+  cfg.sweep = ml_collections.ConfigDict(dict(grid=''))
   return cfg
 
 
@@ -119,8 +122,12 @@ def closest_key_hint(key: str, valid: Iterable[str]) -> str:
 
 
 def unknown_key_error(key: str, cfg: ml_collections.ConfigDict) -> UserError:
-  return UserError(f'config key `{key}` does not exist{closest_key_hint(key, flat_keys(cfg))}; '
-                   f'see kdjax/config.py for the schema')
+  """The error for a dotted key that is not in `cfg`, suggesting a sibling first, then any key."""
+  parent = key.rpartition('.')[0]
+  valid = flat_keys(cfg)
+  siblings = [k for k in valid if k.rpartition('.')[0] == parent]
+  hint = closest_key_hint(key, siblings) or closest_key_hint(key, valid)
+  return UserError(f'config key `{key}` does not exist{hint}; see kdjax/config.py for the schema')
 
 
 def _check_known_keys(cfg, schema, prefix=''):
@@ -224,7 +231,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise UserError(f'config `{key}`={cfg[key]} must be a positive multiple of the device count '
                       f'({num_devices}); set --config.{key}={max(num_devices, cfg[key] // num_devices * num_devices)}')
   _check_phases(cfg)
-  if cfg.suite == 'single' and uses_teacher(cfg) and not cfg.teacher.workdir:
+  if cfg.suite == 'sweep':
+    from kdjax import sweep
+    sweep.parse_grid(cfg.sweep.grid, cfg)
+  if cfg.suite in ('single', 'repeats', 'sweep') and uses_teacher(cfg) and not cfg.teacher.workdir:
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
                     'set --config.teacher.workdir=DIR of a finished teacher run')
 

@@ -1,4 +1,4 @@
-"""What one command runs: a single run, a teacher/CE/KD comparison, or repeats over seeds (`config.suite`).
+"""What one command runs (`config.suite`): a single run, a teacher/CE/KD comparison, repeats over seeds, a sweep.
 
 A suite is a function `(config, workdir) -> summary dict` that runs one or more single runs in sub-workdirs; each
 of them resumes independently, so re-running a killed suite redoes nothing that finished.
@@ -11,6 +11,7 @@ from absl import logging
 
 from kdjax import config as config_lib
 from kdjax import report
+from kdjax import sweep
 from kdjax import train
 
 
@@ -64,7 +65,8 @@ def run_repeats(cfg, workdir):
   rows = []
   for seed in cfg.repeats.seeds:
     child = _child(cfg, seed=int(seed))
-    summary = train.train_and_evaluate(child, os.path.join(workdir, f'seed_{seed}'))
+    child_dir = os.path.join(workdir, f'seed_{seed}')
+    summary = sweep.finished_summary(child, child_dir) or train.train_and_evaluate(child, child_dir)
     rows.append(dict(name=f'seed_{seed}', **summary))
   markdown = report.write_results(workdir, f'{cfg.student.name} on {cfg.data.dataset}', rows)
   print(markdown, flush=True)
@@ -72,7 +74,11 @@ def run_repeats(cfg, workdir):
   return dict(runs=len(rows), best_eval_top1_mean=best[0], best_eval_top1_std=best[1])
 
 
-SUITES = {'single': run_single, 'kd_comparison': run_kd_comparison, 'repeats': run_repeats}
+def run_sweep(cfg, workdir):
+  return sweep.run_sweep(cfg, workdir, train.train_and_evaluate)
+
+
+SUITES = {'single': run_single, 'kd_comparison': run_kd_comparison, 'repeats': run_repeats, 'sweep': run_sweep}
 
 
 def run(cfg, workdir):

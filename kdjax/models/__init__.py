@@ -13,10 +13,18 @@ generically:
 * `train` is passed explicitly: BatchNorm uses batch statistics and updates its running averages (`nnx.BatchStat`)
   only when `train=True`; dropout is active only when `train=True`. `model.train()` / `model.eval()` are not needed.
 * Models with dropout hold an RNG state (from the 'dropout' stream, else 'default', of the constructor's `rngs`).
+
+One registered entry breaks the stages/head rule on purpose: 'ensemble' (`kdjax.models.ensemble`) keeps whole models
+under `members`, returns the mean of their logits and the first member's features, and so cannot be frozen stage by
+stage.
+
+Families: torchvision-style ResNets (`resnet`), the CIFAR ResNets of the CIFAR-100 distillation benchmarks
+(`resnet_cifar`), pre-activation Wide ResNets and ResNet-164 (`preact_resnet`), VGG-BN (`vgg`), ShuffleNet V2
+(`shufflenet`), small CNN/MLP students (`small`); each module's docstring says what its features are.
 """
 
 # Importing the architecture modules registers their models.
-from kdjax.models import resnet, small, vgg  # noqa: F401
+from kdjax.models import ensemble, preact_resnet, resnet, resnet_cifar, shufflenet, small, vgg  # noqa: F401
 from kdjax.models.layers import ClassifierHead
 from kdjax.models.registry import MODELS, create_model, register_model
 

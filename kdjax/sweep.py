@@ -1,0 +1,119 @@
+"""Sweeps: a config crossed over a grid of values and seeds, run one after another, summarised in one table.
+
+Each (cell, seed) is an ordinary single run in `WORKDIR/<cell>/seed_<s>`; a run whose `summary.json` already
+exists for the same config is not run again, and an unfinished one resumes from its checkpoint, so a killed sweep
+picks up where it stopped.
+"""
+import ast
+import copy
+import csv
+import itertools
+import json
+import os
+
+from absl import logging
+
+from kdjax import report
+from kdjax.errors import UserError
+
+
+def parse_grid(spec: str, cfg) -> list[tuple[str, list]]:
+  """[(dotted key, [values])] from 'a.b=1,2;c=x,y'; every key must exist in cfg."""
+  if not spec.strip():
+    raise UserError("suite 'sweep' needs config `sweep.grid`, e.g. "
+                    "--config.sweep.grid='phases.train.losses.kd.alpha=0.1,0.5;phases.train.losses.kd.temperature=1,4'")
+  axes = []
+  for axis in filter(None, (a.strip() for a in spec.split(';'))):
+    key, sep, values = axis.partition('=')
+    if not sep or not values:
+      raise UserError(f'sweep axis {axis!r} must look like key=value1,value2')
+    node = cfg
+    for part in key.strip().split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        from kdjax.config import unknown_key_error
+        raise unknown_key_error(key.strip(), cfg)
+      node = node[part]
+    axes.append((key.strip(), [_literal(v.strip()) for v in values.split(',')]))
+  return axes
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _set(cfg, dotted: str, value) -> None:
+  *parents, last = dotted.split('.')
+  node = cfg
+  for part in parents:
+    node = node[part]
+  node[last] = value
+
+
+def cell_name(assignment: dict) -> str:
+  return ','.join(f'{key.split(".")[-1]}={value}' for key, value in assignment.items())
+
+
+def run_sweep(cfg, workdir: str, run_one) -> dict:
+  """Run every (cell, seed) with `run_one(child_cfg, child_workdir) -> summary`; write results.{md,json,csv}."""
+  axes = parse_grid(cfg.sweep.grid, cfg)
+  cells = []
+  for values in itertools.product(*(v for _, v in axes)):
+    assignment = dict(zip((k for k, _ in axes), values))
+    summaries = []
+    for seed in cfg.repeats.seeds:
+      child = copy.deepcopy(cfg)
+      with child.unlocked():
+        child.suite = 'single'
+        child.seed = int(seed)
+        for key, value in assignment.items():
+          _set(child, key, value)
+      child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
+      summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
+    cells.append(dict(cell=cell_name(assignment), assignment=assignment, runs=summaries))
+  return write_sweep_results(workdir, cells)
+
+
+def finished_summary(child, child_dir):
+  """The summary of a run that already finished with this exact config (skipped on a re-run)."""
+  try:
+    with open(os.path.join(child_dir, 'summary.json')) as f:
+      summary = json.load(f)
+    with open(os.path.join(child_dir, 'config.json')) as f:
+      recorded = json.load(f)
+  except FileNotFoundError:
+    return None
+  if recorded != json.loads(child.to_json_best_effort()):
+    return None
+  logging.info('sweep: %s already finished, not rerun', child_dir)
+  return summary
+
+
+def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
+  rows = []
+  for cell in cells:
+    best = report.mean_std([r['best_eval_top1'] for r in cell['runs']])
+    last = report.mean_std([r['eval_top1'] for r in cell['runs']])
+    rows.append(dict(cell=cell['cell'], seeds=len(cell['runs']), best_mean=best[0], best_std=best[1],
+                     last_mean=last[0], last_std=last[1], **{k.split('.')[-1]: v for k, v in cell['assignment'].items()}))
+  winner = max(range(len(rows)), key=lambda i: rows[i]['best_mean'])
+  lines = ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
+  for i, row in enumerate(rows):
+    mark = ' **(best)**' if i == winner else ''
+    lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
+                 f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
+  markdown = '\n'.join(lines) + '\n'
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(markdown)
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(dict(cells=rows, best_cell=rows[winner]['cell'],
+                   runs={c['cell']: c['runs'] for c in cells}), f, indent=2, default=str)
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  print(markdown, flush=True)
+  return dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])

@@ -1,0 +1,66 @@
+"""Sweeps and repeats end to end on a tiny CPU budget, including kill-and-resume and the results tables."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kdjax import report
+from tests.conftest import ROOT, TINY
+
+
+def test_mean_std_against_hand_computed_numbers():
+  mean, std = report.mean_std([0.90, 0.92, 0.94])
+  assert mean == pytest.approx(0.92)
+  assert std == pytest.approx(0.02)  # sqrt(((-.02)^2 + 0 + .02^2) / 2)
+  assert report.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_results_table(tmp_path):
+  rows = [dict(name='seed_0', best_eval_top1=0.9, eval_top1=0.89),
+          dict(name='seed_1', best_eval_top1=0.94, eval_top1=0.93)]
+  markdown = report.write_results(str(tmp_path), 't', rows)
+  assert '| seed_1 | 94.00 | 93.00 |' in markdown
+  assert '**92.00 ± 2.83**' in markdown  # std of (90, 94) = 2.83
+  data = json.load(open(tmp_path / 'results.json'))
+  assert data['best_eval_top1']['mean'] == pytest.approx(0.92)
+
+
+def test_sweep_is_killed_and_resumed_without_redoing_finished_runs(tmp_path, teacher_workdir):
+  workdir = str(tmp_path / 'sweep')
+  args = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:kd', '--workdir', workdir,
+          '--config.suite=sweep', '--config.repeats.seeds=(0, 1)', f'--config.teacher.workdir={teacher_workdir}',
+          '--config.sweep.grid=phases.train.losses.kd.alpha=0.1,0.9;phases.train.losses.kd.temperature=4.0',
+          '--config.phases.train.epochs=1']
+  first_run = os.path.join(workdir, 'alpha=0.1,temperature=4.0', 'seed_0', 'summary.json')
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not os.path.exists(first_run) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(first_run)
+  mtime = os.path.getmtime(first_run)
+  done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert os.path.getmtime(first_run) == mtime  # the finished run was not redone
+  with open(os.path.join(workdir, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert [r['cell'] for r in rows] == ['alpha=0.1,temperature=4.0', 'alpha=0.9,temperature=4.0']
+  assert all(r['seeds'] == '2' for r in rows)
+  markdown = open(os.path.join(workdir, 'results.md')).read()
+  assert markdown.count('(best)') == 1
+  best = json.load(open(os.path.join(workdir, 'results.json')))['best_cell']
+  assert best == max(rows, key=lambda r: float(r['best_mean']))['cell']
+
+
+def test_sweep_grid_with_unknown_key_is_a_user_error(tmp_path):
+  from tests.conftest import run_main
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'), '--config.suite=sweep',
+                  '--config.sweep.grid=phases.train.optimizer.learning_rat=0.1,0.2')
+  assert proc.returncode == 2
+  assert 'did you mean `phases.train.optimizer.learning_rate`' in proc.stderr.strip().splitlines()[-1]
