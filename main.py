@@ -3,6 +3,7 @@
 With no flags it runs the embedded default (configs/default.py): a teacher, a CE student and a KD student on
 scikit-learn's bundled digits, offline, on a CPU, in a few minutes.
 """
+import json
 import os
 import re
 import runpy
@@ -17,6 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs'
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
                                '(default: workdirs/<config name>).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'],
+                          'train (or resume) the config; eval: accuracy of the run\'s best checkpoint on '
+                          'data.eval_split; predict: classes of --images; export: write WORKDIR/export.')
+_IMAGES = flags.DEFINE_list('images', [], 'Image files for --mode=predict.')
 
 
 def _fail(message: str) -> None:
@@ -68,7 +73,6 @@ def main(argv):
   del argv
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from kdjax import mesh
-  from kdjax import suites
   from kdjax.errors import UserError
   mesh.maybe_initialize_distributed()
   try:
@@ -81,11 +85,41 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join('workdirs', name)
   logging.info('config %s -> workdir %s', name, workdir)
   try:
-    summary = suites.run(cfg, workdir)
+    result = MODES[_MODE.value](cfg, workdir)
   except UserError as error:
     _fail(str(error))
-  import json
-  print(json.dumps({'summary': summary}, default=str), flush=True)
+  print(json.dumps({_MODE.value: result}, default=str), flush=True)
+
+
+def _train(cfg, workdir):
+  from kdjax import suites
+  return suites.run(cfg, workdir)
+
+
+def _eval(cfg, workdir):
+  from kdjax import export
+  from kdjax.data import load_split
+  split = load_split(os.path.expanduser(cfg.data.dataset), cfg.data.eval_split,
+                     image_size=cfg.data.image_size or None, cache_dir=cfg.data.cache_dir or None,
+                     data_dir=cfg.data.data_dir or None, on_corrupt=cfg.data.on_corrupt)
+  result = export.evaluate_split(export.Predictor.load(workdir), split.images, split.labels)
+  return dict(workdir=workdir, split=cfg.data.eval_split, **result)
+
+
+def _predict(cfg, workdir):
+  from kdjax import export
+  from kdjax.errors import UserError
+  if not _IMAGES.value:
+    raise UserError('--mode=predict needs --images=a.jpg,b.png')
+  return export.Predictor.load(workdir).predict_files(_IMAGES.value)
+
+
+def _export(cfg, workdir):
+  from kdjax import export
+  return dict(export=export.export_run(workdir))
+
+
+MODES = {'train': _train, 'eval': _eval, 'predict': _predict, 'export': _export}
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ from flax import nnx
 
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config as config_lib
+from kdjax import export
 from kdjax import mesh as mesh_lib
 from kdjax import metrics as metrics_lib
 from kdjax import objective as objective_lib
@@ -130,6 +131,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   config_lib.validate(cfg, jax.device_count())
   _check_workdir(cfg, workdir)
   data = run_data.load(cfg.data, mesh)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, export.DATA_FILE), 'w') as f:
+      json.dump(dict(class_names=list(data.class_names), image_shape=list(data.image_shape), mean=list(data.mean),
+                     std=list(data.std)), f, indent=2)
   dtype = DTYPES[cfg.compute_dtype]
   teacher, teacher_vars, teacher_channels = load_teacher(cfg, data, dtype, mesh)
 

@@ -1,0 +1,129 @@
+"""A trained model as a self-contained artifact, and the plain predictor that loads it.
+
+`export_run(workdir)` writes `WORKDIR/export/`: `model.json` (architecture, classes, input size, normalisation) and
+`params.msgpack` (parameters and BatchNorm statistics). `Predictor.load(path)` needs only that folder and
+`kdjax.models` -- no config schema, data pipeline, optimizer or checkpoint code -- and also reads a run's workdir
+directly (its best checkpoint), which is what `--mode=eval` and `--mode=predict` use.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, serialization
+from PIL import Image
+
+from kdjax.errors import UserError
+from kdjax.models import create_model
+
+DATA_FILE = 'data.json'   # written by every training run: class names, image shape, normalisation
+
+
+@dataclasses.dataclass
+class Predictor:
+  """Class probabilities for uint8 images (N, H, W, C) or image files."""
+  spec: dict
+  model: nnx.Module
+
+  @classmethod
+  def load(cls, path: str) -> 'Predictor':
+    """From an export folder, or from a run's workdir (its best checkpoint, else the latest)."""
+    if os.path.exists(os.path.join(path, 'params.msgpack')):
+      with open(os.path.join(path, 'model.json')) as f:
+        spec = json.load(f)
+      model = _build(spec)
+      with open(os.path.join(path, 'params.msgpack'), 'rb') as f:
+        pure = serialization.msgpack_restore(f.read())
+      variables = nnx.state(model, (nnx.Param, nnx.BatchStat))
+      nnx.replace_by_pure_dict(variables, pure)
+      nnx.update(model, variables)
+      return cls(spec, model)
+    return cls._from_run(path)
+
+  @classmethod
+  def _from_run(cls, workdir: str) -> 'Predictor':
+    from kdjax import checkpoint  # only when reading a training run, not an export
+    spec = run_spec(workdir)
+    model = _build(spec)
+    graphdef, variables = nnx.split(model)
+    variables = checkpoint.restore_model_variables(workdir, variables)
+    return cls(spec, nnx.merge(graphdef, variables))
+
+  def __post_init__(self):
+    self._forward = jax.jit(self._probabilities)
+
+  def _probabilities(self, images):
+    size = self.spec['image_shape'][0]
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, images.shape[3]),
+                                'bilinear')
+    x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.spec['mean'])) / jnp.asarray(self.spec['std'])
+    logits, _ = self.model(x, train=False)
+    return jax.nn.softmax(logits)
+
+  def predict_arrays(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(self._forward(jnp.asarray(images)))
+
+  def read_image(self, path: str) -> np.ndarray:
+    height, width, channels = self.spec['image_shape']
+    try:
+      with Image.open(path) as image:
+        image = image.convert('L' if channels == 1 else 'RGB').resize((width, height), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError) as error:
+      raise UserError(f'cannot read image {path} ({error}); pass image files (jpg, png, ...)') from None
+    return array[..., None] if array.ndim == 2 else array
+
+  def predict_files(self, paths) -> list[dict]:
+    probabilities = self.predict_arrays(np.stack([self.read_image(p) for p in paths]))
+    names = self.spec['class_names']
+    return [dict(file=path, label=names[int(p.argmax())], probability=float(p.max()),
+                 probabilities={n: round(float(q), 6) for n, q in zip(names, p)})
+            for path, p in zip(paths, probabilities)]
+
+
+def run_spec(workdir: str) -> dict:
+  """What a Predictor needs to know about a training run, from its config.json and data.json."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    with open(os.path.join(workdir, DATA_FILE)) as f:
+      data = json.load(f)
+  except FileNotFoundError as error:
+    raise UserError(f'{workdir} is not a finished kdjax run or export ({error.filename} is missing); '
+                    'pass the --workdir of a training run') from None
+  student = config['student']
+  return dict(model=student['name'], model_kwargs={k: v for k, v in student.items() if k != 'name'},
+              compute_dtype=config.get('compute_dtype', 'float32'), **data)
+
+
+def _build(spec: dict) -> nnx.Module:
+  return create_model(spec['model'], num_classes=len(spec['class_names']), image_shape=tuple(spec['image_shape']),
+                      rngs=nnx.Rngs(0), **spec['model_kwargs'])
+
+
+def export_run(workdir: str, out_dir: str | None = None) -> str:
+  """Write the run's best model as `out_dir` (default WORKDIR/export); returns the folder."""
+  predictor = Predictor._from_run(workdir)
+  out_dir = out_dir or os.path.join(workdir, 'export')
+  os.makedirs(out_dir, exist_ok=True)
+  pure = nnx.state(predictor.model, (nnx.Param, nnx.BatchStat)).to_pure_dict()
+  with open(os.path.join(out_dir, 'params.msgpack'), 'wb') as f:
+    f.write(serialization.msgpack_serialize(jax.device_get(pure)))
+  with open(os.path.join(out_dir, 'model.json'), 'w') as f:
+    json.dump(predictor.spec, f, indent=2)
+  return out_dir
+
+
+def evaluate_split(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> dict:
+  """Top-1 / top-5 accuracy of a predictor on uint8 images."""
+  top1 = top5 = 0
+  for start in range(0, len(labels), batch_size):
+    probabilities = predictor.predict_arrays(images[start:start + batch_size])
+    batch_labels = labels[start:start + batch_size]
+    ranked = np.argsort(-probabilities, axis=-1)
+    top1 += int((ranked[:, 0] == batch_labels).sum())
+    top5 += int((ranked[:, :5] == batch_labels[:, None]).any(axis=-1).sum())
+  return dict(top1=top1 / len(labels), top5=top5 / len(labels), examples=int(len(labels)))
