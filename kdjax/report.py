@@ -33,3 +33,53 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> str:
     json.dump(dict(title=title, runs=rows, best_eval_top1=dict(mean=best_mean, std=best_std),
                    last_eval_top1=dict(mean=last_mean, std=last_std)), f, indent=2)
   return markdown
+
+
+class History:
+  """Every logged scalar of a run, by step, in `history.json`; cut back to the resumed step on restart."""
+
+  def __init__(self, workdir: str, upto_step: int):
+    self.path = os.path.join(workdir, 'history.json')
+    self.rows = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.rows = [row for row in json.load(f) if row['step'] <= upto_step]
+
+  def record(self, step: int, scalars: dict) -> None:
+    self.rows.append(dict(step=int(step), **{k: float(v) for k, v in scalars.items()}))
+
+  def save(self) -> None:
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(self.rows, f)
+    os.replace(tmp, self.path)
+
+  def series(self, key: str) -> tuple[list[int], list[float]]:
+    points = [(row['step'], row[key]) for row in self.rows if key in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+  def plot(self) -> list[str]:
+    """accuracy.png (train/eval top-1, top-5, teacher agreement) and loss.png in the workdir; [] without matplotlib."""
+    try:
+      import matplotlib
+      matplotlib.use('Agg')
+      from matplotlib import pyplot as plt
+    except ImportError:
+      return []
+    written = []
+    for name, keys in (('accuracy', ('top1', 'top5', 'agreement')), ('loss', ('loss',))):
+      fig, ax = plt.subplots(figsize=(7, 4))
+      for split in ('train', 'eval'):
+        for key in keys:
+          steps, values = self.series(f'{split}/{key}')
+          if steps:
+            ax.plot(steps, values, label=f'{split} {key}', marker='.' if split == 'eval' else None)
+      ax.set_xlabel('step')
+      ax.set_ylabel(name)
+      ax.grid(alpha=0.3)
+      ax.legend()
+      path = os.path.join(os.path.dirname(self.path), f'{name}.png')
+      fig.savefig(path, dpi=100, bbox_inches='tight')
+      plt.close(fig)
+      written.append(path)
+    return written

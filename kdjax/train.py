@@ -21,6 +21,7 @@ from kdjax import mesh as mesh_lib
 from kdjax import metrics as metrics_lib
 from kdjax import objective as objective_lib
 from kdjax import optim
+from kdjax import report
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
@@ -187,6 +188,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     logging.info('resumed from step %d (phase %s)', int(state.step), plan.names[phase_index])
 
   start_step = int(jax.device_get(state.step))
+  history = report.History(workdir, upto_step=start_step)
   progress = writers.create_progress(plan.ends[-1], writer, cfg.log_every_steps)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   timing = {'train_s': 0.0, 'train_images': 0, 'compile_s': 0.0}
@@ -227,11 +229,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       at_eval = (step - plan.starts[k]) % eval_every == 0 or step == plan.ends[k]
       if at_log or at_eval:
         _check_finite(cfg, state, term_names, checkpoints)
-        writer.write_scalars(step, {f'train/{k2}': v for k2, v in jax.device_get(acc.compute()).items()})
+        scalars = {f'train/{k2}': float(v) for k2, v in jax.device_get(acc.compute()).items()}
+        writer.write_scalars(step, scalars)
+        history.record(step, scalars)
         acc = None if at_log else acc
       if at_eval:
         last_eval = evaluate(eval_fn, state, teacher_vars, data.eval, cfg.eval_batch_size)
         writer.write_scalars(step, {f'eval/{k2}': v for k2, v in last_eval.items()})
+        history.record(step, {f'eval/{k2}': v for k2, v in last_eval.items()})
+        history.save()
         improved = last_eval['top1'] > best_top1
         best_top1 = max(best_top1, last_eval['top1'])
         meta = dict(phase=k, phase_name=plan.names[k], epoch=step / plan.steps_per_epoch, best_top1=best_top1)
@@ -263,6 +269,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     heldout = evaluate(eval_fn, state, teacher_vars, data.heldout, cfg.eval_batch_size)
     summary['heldout_top1'] = heldout['top1']
   writer.flush()
+  history.save()
+  if jax.process_index() == 0:
+    history.plot()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)

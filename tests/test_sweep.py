@@ -64,3 +64,16 @@ def test_sweep_grid_with_unknown_key_is_a_user_error(tmp_path):
                   '--config.sweep.grid=phases.train.optimizer.learning_rat=0.1,0.2')
   assert proc.returncode == 2
   assert 'did you mean `phases.train.optimizer.learning_rate`' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_run_writes_history_and_curves(tmp_path):
+  from kdjax import train
+  from tests.configs import tiny
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  history = report.History(workdir, upto_step=10**9)
+  steps, top1 = history.series('eval/top1')
+  assert steps == [22, 44, 66, 88] and all(0 <= v <= 1 for v in top1)
+  assert history.series('train/loss')[0]
+  for name in ('accuracy.png', 'loss.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000

@@ -1,0 +1,136 @@
+"""The benchmark scripts run end to end at the tiniest sizes on 8 simulated devices and write the JSON the README
+describes. Speeds are never asserted (they depend on the machine); only that every figure exists and is positive."""
+import json
+import os
+import sys
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import bench_steps, roofline, side_by_side
+
+TINY_MODELS = ['--teacher', 'cnn3', '--student', 'cnn2', '--dtype', 'float32']
+ENVIRONMENT_KEYS = {'device_kind', 'platform', 'device_count', 'jax_version', 'date', 'command', 'settings'}
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@pytest.fixture(scope='module')
+def tiny_archive(tmp_path_factory):
+  """An image-folder .tar.gz like the shared CIFAR one: tiny/{train,test}/<class>/*.png, 2 classes, 16 px."""
+  root = tmp_path_factory.mktemp('tiny_data')
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 32), ('test', 8)):
+    for name in ('a', 'b'):
+      folder = root / 'tiny' / split / name
+      folder.mkdir(parents=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+  path = root / 'tiny.tar.gz'
+  with tarfile.open(path, 'w:gz') as tar:
+    tar.add(root / 'tiny', arcname='tiny')
+  return str(path)
+
+
+def _read(path) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_bench_steps_reports_every_phase(tmp_path):
+  out = tmp_path / 'steps.json'
+  bench_steps.main([*TINY_MODELS, '--image-size', '16', '--batch', '16', '--steps', '2', '--warmup', '1',
+                    '--num-examples', '32', '--json', str(out)])
+  report = _read(out)
+  assert ENVIRONMENT_KEYS <= set(report) and report['device_count'] == 8
+  assert set(report['phases']) == {'teacher', 'student_ce', 'student_kd'}
+  for row in report['phases'].values():
+    for key in ('compile_s', 'images_per_s', 'step_ms', 'step_images_per_s', 'eval_compile_s', 'eval_images_per_s',
+                'xla_peak_bytes'):
+      assert _positive(row[key]), (row['phase'], key, row[key])
+    assert row['peak_bytes'] is None or _positive(row['peak_bytes'])  # None where the backend reports nothing (CPU)
+
+
+def test_bench_steps_reads_a_dataset_path(tiny_archive, tmp_path):
+  report = bench_steps.main([*TINY_MODELS, '--image-size', '0', '--batch', '16', '--steps', '1', '--warmup', '1',
+                             '--dataset', tiny_archive, '--cache-dir', str(tmp_path / 'cache'),
+                             '--phases', 'student_ce'])
+  assert report['image_shape'] == [16, 16, 3] and report['num_examples'] == 64
+  assert _positive(report['phases']['student_ce']['images_per_s'])
+
+
+def test_roofline_reports_floor_and_measurement(tmp_path):
+  out = tmp_path / 'roofline.json'
+  roofline.main([*TINY_MODELS, '--image-size', '16', '--batch', '16', '--steps', '2', '--warmup', '1',
+                 '--matmul-size', '128', '--copy-mib', '4', '--repeats', '2', '--json', str(out)])
+  report = _read(out)
+  assert ENVIRONMENT_KEYS <= set(report)
+  for key in ('flops_per_device', 'bytes_accessed_per_device', 'matmul_flops_per_s', 'copy_bytes_per_s',
+              'compute_floor_ms', 'memory_floor_ms', 'floor_ms', 'measured_step_ms', 'fraction_of_floor',
+              'images_per_s', 'compile_s'):
+    assert _positive(report[key]), (key, report[key])
+  assert report['bound'] in ('compute', 'memory')
+  assert report['floor_ms'] == max(report['compute_floor_ms'], report['memory_floor_ms'])
+
+
+FAKE_PEER = textwrap.dedent('''\
+    """Stands in for torch_kd_peer.py: records its arguments, prints the peer's JSON lines."""
+    import json, sys
+    with open(sys.argv[0] + '.args', 'w') as f:
+      json.dump(sys.argv[1:], f)
+    print('compiling...')
+    for phase, acc, img_s in (('teacher', 0.9, 1000.0), ('student_ce', 0.7, 4000.0), ('student_kd', 0.72, 2000.0)):
+      print(json.dumps(dict(phase=phase, test_acc=acc, wall_s=3.0, train_img_per_s=img_s)))
+    print(json.dumps(dict(phase='summary', teacher=0.9, student_ce=0.7, student_kd=0.72)))
+    ''')
+
+
+def test_side_by_side_compares_kdjax_with_the_peer(tiny_archive, tmp_path):
+  peer = tmp_path / 'fake_peer.py'
+  peer.write_text(FAKE_PEER)
+  out = tmp_path / 'side_by_side.json'
+  side_by_side.main(['--data', tiny_archive, '--peer', str(peer), '--force-peer', *TINY_MODELS, '--batch', '16',
+                     '--epochs-teacher', '1', '--epochs-student', '1', '--kd', '0.5:4:0.05',
+                     '--cache-dir', str(tmp_path / 'cache'), '--workdir', str(tmp_path / 'runs'),
+                     '--json', str(out)])
+  report = _read(out)
+  assert report['peer']['status'] == 'ran'
+  peer_args = _read(str(peer) + '.args')
+  assert peer_args[peer_args.index('--batch') + 1] == '16' and peer_args[peer_args.index('--kd') + 1] == '0.5:4:0.05'
+  for name in ('teacher', 'student_ce', 'student_kd'):
+    summary, row = report['kdjax'][name], report['phases'][name]
+    assert summary['steps'] == 4 and 0 <= summary['eval_top1'] <= 1
+    for key in ('kdjax_images_per_s', 'peer_images_per_s', 'images_per_s_ratio', 'kdjax_wall_s', 'kdjax_compile_s'):
+      assert _positive(row[key]), (name, key, row[key])
+    assert row['images_per_s_ratio'] == pytest.approx(row['kdjax_images_per_s'] / row['peer_images_per_s'])
+
+
+@pytest.mark.parametrize('flags, reason', [
+    (['--peer', '/nonexistent/peer.py'], 'not found'),
+    (['--epochs-teacher', '0.5'], 'whole epochs'),
+    (['--skip-peer'], '--skip-peer'),
+])
+def test_side_by_side_says_why_the_peer_is_skipped(tmp_path, flags, reason):
+  peer = tmp_path / 'peer.py'
+  peer.write_text('')
+  args = side_by_side.parse_args(['--data', 'unused', '--peer', str(peer), *flags])
+  assert reason in side_by_side.peer_skip_reason(args)
+
+
+def test_side_by_side_finds_the_eval_split(tiny_archive):
+  assert side_by_side.eval_split_of(tiny_archive) == 'test'
+
+
+def test_scripts_run_by_path():
+  """`python benchmarks/NAME.py --help` works without installing kdjax (the GPU machine runs them this way)."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in ('bench_steps', 'roofline', 'side_by_side'):
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', f'{name}.py'), '--help'],
+                          capture_output=True, text=True, cwd='/', timeout=60)
+    assert proc.returncode == 0 and 'usage' in proc.stdout, proc.stderr[-2000:]
