@@ -26,7 +26,9 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_data_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  # Auto axes: shardings propagate from the step's inputs (GSPMD). Explicit axes (the default of
+  # `jax.make_mesh`) would make every vmap over a sharded batch and a replicated key array an error.
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh) -> NamedSharding:

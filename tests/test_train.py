@@ -161,3 +161,31 @@ def test_finished_run_is_not_retrained(tmp_path):
   second = train.train_and_evaluate(tiny.get_config('ce'), workdir)
   assert second['steps'] == first['steps']
   assert second['eval_top1'] == first['eval_top1']
+
+
+@pytest.mark.parametrize('name', sorted(augment.AUGMENTATIONS))
+def test_every_augmentation_runs_in_the_sharded_step(name):
+  """Each pipeline inside the jitted step on a batch sharded over 8 devices (keys replicated, images sharded)."""
+  from kdjax import mesh as mesh_lib
+  from kdjax.data import loader
+  mesh = mesh_lib.make_data_mesh()
+  rng = np.random.default_rng(0)
+  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
+                                            rng.integers(0, 10, (64,)), mesh)
+  model = create_model('cnn2', num_classes=10, image_shape=(16, 16, 3), rngs=nnx.Rngs(0), hidden=8, dropout=0.0)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
+  objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
+  tx = optax.sgd(0.1)
+  spec = steps.PhaseStep(
+      student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
+      trainable='.*', frozen_bn=True,
+      preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[name](r, x, image_size=16),
+                                  evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                  dtype=jnp.float32))
+  state = jax.device_put(state_lib.init_state(params, model_state, adapter_params,
+                                              tx.init((params, adapter_params)), 0, 1), mesh_lib.replicated(mesh))
+  step_fn = steps.jit_train_step(spec, mesh_lib.replicated(mesh))
+  batch = data.train_batch(data.epoch_order(0, 0), 0, 32)
+  state, metrics = step_fn(state, None, batch)
+  assert np.isfinite(float(metrics.compute()['loss']))
