@@ -80,11 +80,13 @@ def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:
   return flat
 
 
-def restore_model_variables(workdir: str, variables) -> Any:
+def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', role: str = 'teacher') -> Any:
   """Fill an NNX model's variables (params + BatchNorm statistics) from a finished run's best (else latest) checkpoint.
 
   Raises a UserError when the run has no checkpoint or its shapes do not fit the model, listing the first
-  mismatches, so a teacher of the wrong architecture or class count is caught before training starts.
+  mismatches, so a teacher of the wrong architecture or class count is caught before training starts. Variables
+  whose path matches `keep_fresh` (a regex, e.g. '^head/') keep their fresh values: fine-tuning a model on a
+  dataset with other classes.
   """
   for sub in ('best', 'checkpoints'):
     directory = os.path.abspath(os.path.join(workdir, sub))
@@ -102,14 +104,16 @@ def restore_model_variables(workdir: str, variables) -> Any:
                           manager.item_metadata(step)['state'])
     raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
-    return _fill(variables, saved, f'{directory}/{step}')
-  raise UserError(f'no checkpoint in {workdir}; train the teacher first (e.g. python main.py --config '
-                  f'configs/cifar10_teacher.py --workdir {workdir}) or fix teacher.workdir')
+    return _fill(variables, saved, f'{directory}/{step}', keep_fresh, role)
+  raise UserError(f'no checkpoint in {workdir}; train the {role} run first (e.g. python main.py --config '
+                  f'configs/cifar10_teacher.py --workdir {workdir}) or fix {role}.workdir')
 
 
-def _fill(variables, saved: dict[str, np.ndarray], where: str):
+def _fill(variables, saved: dict[str, np.ndarray], where: str, keep_fresh: str, role: str):
   """Copy the saved parameters and BatchNorm statistics in; RNG state (dropout keys) keeps its fresh values."""
-  flat = [(path, v) for path, v in variables.flat_state() if isinstance(v, (nnx.Param, nnx.BatchStat))]
+  fresh = state_lib.trainable_filter(keep_fresh) if keep_fresh else (lambda path, _: False)
+  flat = [(path, v) for path, v in variables.flat_state()
+          if isinstance(v, (nnx.Param, nnx.BatchStat)) and not fresh(path, v)]
   mismatches = []
   for path, variable in flat:
     key = state_lib.path_string(path)
@@ -118,9 +122,10 @@ def _fill(variables, saved: dict[str, np.ndarray], where: str):
     elif tuple(saved[key].shape) != tuple(variable.get_value().shape):
       mismatches.append(f'{key} {tuple(saved[key].shape)} in checkpoint vs {tuple(variable.get_value().shape)} in model')
   if mismatches:
-    raise UserError(f'teacher checkpoint {where} does not fit the configured teacher model: '
+    other_classes = " (or init.keep_fresh='^head/' for other classes)" if role == 'init' else ''
+    raise UserError(f'{role} checkpoint {where} does not fit the configured {role} model: '
                     f'{"; ".join(mismatches[:3])}{" ..." if len(mismatches) > 3 else ""} '
-                    f'({len(mismatches)} mismatches); set teacher.name to the model that run trained')
+                    f'({len(mismatches)} mismatches); configure the model that run trained{other_classes}')
   for path, variable in flat:
     variable.set_value(np.asarray(saved[state_lib.path_string(path)], dtype=variable.get_value().dtype))
   return variables

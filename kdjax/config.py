@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
       name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match the checkpoint)
       epochs=10.0,             # kd_comparison: the teacher run's budget
   ))
+  cfg.init = ml_collections.ConfigDict(dict(
+      workdir='',              # start the student from this run's best checkpoint (or an imported model)
+      keep_fresh='',           # regex of parameters left freshly initialised, e.g. '^head/' for other classes
+  ))
   cfg.compute_dtype = 'float32'  # float32 | bfloat16 (parameters stay float32)
   cfg.batch_size = 128         # global, split over all devices
   cfg.eval_batch_size = 500

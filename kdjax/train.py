@@ -146,6 +146,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   adapters = objective_lib.Adapters(
       objective_lib.adapter_shapes(phases, student.stage_channels, teacher_channels) if teacher else {},
       rngs=nnx.Rngs(cfg.seed + 2), dtype=dtype)
+  if cfg.init.workdir:  # fine-tuning: start from another run's (or an imported model's) weights
+    graphdef, variables = nnx.split(student)
+    student = nnx.merge(graphdef, ckpt_lib.restore_model_variables(
+        cfg.init.workdir, variables, keep_fresh=cfg.init.keep_fresh, role='init'))
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
   plan = PhasePlan.from_config(cfg, data.train.num_examples)

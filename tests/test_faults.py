@@ -63,3 +63,32 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   resumed = final_variables(workdir)
   for key in reference:
     np.testing.assert_array_equal(reference[key], resumed[key], err_msg=key)
+
+
+def test_teacher_checkpoint_of_other_shapes_lists_the_mismatches(teacher_workdir):
+  from flax import nnx
+  from kdjax import checkpoint as ckpt_lib
+  from kdjax.errors import UserError
+  from kdjax.models import create_model
+  wrong = create_model('cnn3', num_classes=7, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=24)
+  with pytest.raises(UserError) as info:
+    ckpt_lib.restore_model_variables(teacher_workdir, nnx.split(wrong)[1])
+  message = str(info.value)
+  assert 'does not fit the configured teacher model' in message
+  assert 'head/fc/kernel (16, 10) in checkpoint vs (24, 7) in model' in message or '(16, 10)' in message
+  assert 'mismatches' in message and '\n' not in message
+
+
+def test_fine_tune_from_a_finished_run_on_other_classes(tmp_path, teacher_workdir):
+  """init.workdir starts the student from a run's weights; keep_fresh='^head/' allows another class count."""
+  cfg = tiny.get_config('teacher')
+  cfg.data.train_split = 'train[50%:]'
+  cfg.init.workdir = teacher_workdir
+  cfg.init.keep_fresh = '^head/fc/'
+  cfg.phases.train.epochs = 1
+  summary = train.train_and_evaluate(cfg, str(tmp_path / 'finetune'))
+  assert summary['eval_top1'] > 0.5  # from an 85%-ish teacher, one epoch of fine-tuning stays well above chance
+  cfg.init.keep_fresh = ''
+  cfg.student.hidden = 24
+  with pytest.raises(train.UserError, match='init checkpoint .* does not fit'):
+    train.train_and_evaluate(cfg, str(tmp_path / 'wrong'))
