@@ -21,7 +21,7 @@ def imagenette_data(cfg, arg=''):
   cfg.data.augment = 'random_resized_crop'
   cfg.compute_dtype = 'bfloat16'
   cfg.batch_size = 256
-  cfg.eval_batch_size = 500
+  cfg.eval_batch_size = 512
   cfg.log_every_steps = 50
   if 'smoke' in arg.split(','):
     cfg.data.train_split = 'train[:2%]'

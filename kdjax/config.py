@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   cfg.compute_dtype = 'float32'  # float32 | bfloat16 (parameters stay float32)
   cfg.batch_size = 128         # global, split over all devices
-  cfg.eval_batch_size = 500
+  cfg.eval_batch_size = 512
   cfg.schedule = ('train',)    # the phases, in order
   cfg.phases = ml_collections.ConfigDict(dict(
       train=phase(10, {'ce': loss_term('ce')})))

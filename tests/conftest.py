@@ -9,7 +9,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny.py')
+TINY = os.path.join(ROOT, 'tests', 'tiny_configs', 'tiny.py')
 
 
 def run_main(*args, env=None, timeout=300, check=False):
@@ -26,6 +26,6 @@ def teacher_workdir(tmp_path_factory):
   """A finished tiny teacher run (cnn3 on digits), shared by the KD and stage-wise tests."""
   workdir = str(tmp_path_factory.mktemp('teacher'))
   from kdjax import train
-  from tests.configs import tiny
+  from tests.tiny_configs import tiny
   train.train_and_evaluate(tiny.get_config('teacher'), workdir)
   return workdir

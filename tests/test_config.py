@@ -3,7 +3,7 @@ import pytest
 
 from kdjax import config as config_lib
 from kdjax.errors import UserError
-from tests.configs import tiny
+from tests.tiny_configs import tiny
 
 
 def _error(mutate, num_devices=1, arg='kd'):

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from kdjax import config as config_lib
 from kdjax.errors import UserError
-from tests.configs import tiny
+from tests.tiny_configs import tiny
 
 BASE = tiny.get_config('kd')
 BASE.teacher.workdir = '/teacher'

@@ -6,7 +6,7 @@ import pytest
 
 from kdjax import config as config_lib
 from kdjax import train
-from tests.configs import tiny
+from tests.tiny_configs import tiny
 from tests.test_train import final_variables
 
 

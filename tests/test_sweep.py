@@ -68,7 +68,7 @@ def test_sweep_grid_with_unknown_key_is_a_user_error(tmp_path):
 
 def test_run_writes_history_and_curves(tmp_path):
   from kdjax import train
-  from tests.configs import tiny
+  from tests.tiny_configs import tiny
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny.get_config('ce'), workdir)
   history = report.History(workdir, upto_step=10**9)

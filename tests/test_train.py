@@ -23,7 +23,7 @@ from kdjax import train
 from kdjax.data import augment
 from kdjax.models import create_model
 from tests.conftest import ROOT, TINY, run_main
-from tests.configs import tiny
+from tests.tiny_configs import tiny
 
 
 def final_variables(workdir, sub='checkpoints') -> dict[str, np.ndarray]:

@@ -1,0 +1,35 @@
+"""Every experiment config file loads and validates (teachers pointed at a placeholder)."""
+import glob
+import os
+import runpy
+
+import pytest
+
+from kdjax import config as config_lib
+from tests.conftest import ROOT
+
+ARGS = {
+    'default.py': [None], 'cifar10_teacher.py': [None, 'smoke'], 'cifar10_student.py': [None, 'smoke'],
+    'cifar10_kd.py': [None, 'smoke'], 'cifar10_kd_grid.py': [None], 'cifar10_vgg19_kd.py': ['teacher', '5', '20'],
+    'cifar10_adam_kd.py': [None], 'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10'],
+    'mnist_kd.py': ['teacher_vgg16', 'teacher_resnet164', 'mlp_from_vgg16', 'cnn3_from_resnet164',
+                    'ensemble_from_vgg16'],
+    'imagenette_teacher.py': ['', 'smoke'], 'imagenette_student.py': ['', 'small,subset', 'smallest,repeats'],
+    'imagenette_stagewise.py': ['', 'smoke', 'joint3', 'joint5,small', 'finetune,subset,repeats'],
+}
+CASES = [(name, arg) for name, args in ARGS.items() for arg in args]
+
+
+def test_every_config_file_is_covered():
+  files = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))} - {'__init__.py'}
+  assert files == set(ARGS)
+
+
+@pytest.mark.parametrize('name, arg', CASES)
+def test_config_validates(name, arg):
+  get_config = runpy.run_path(os.path.join(ROOT, 'configs', name))['get_config']
+  cfg = get_config(arg) if arg is not None else get_config()
+  with cfg.unlocked():
+    if config_lib.uses_teacher(cfg) and cfg.suite != 'kd_comparison':
+      cfg.teacher.workdir = cfg.teacher.workdir or '/teacher'
+  config_lib.validate(cfg, 8)
