@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from kdjax import report
@@ -56,6 +57,17 @@ def test_sweep_is_killed_and_resumed_without_redoing_finished_runs(tmp_path, tea
   assert markdown.count('(best)') == 1
   best = json.load(open(os.path.join(workdir, 'results.json')))['best_cell']
   assert best == max(rows, key=lambda r: float(r['best_mean']))['cell']
+  # The same sweep without interruption ends with bit-identical runs.
+  whole = str(tmp_path / 'whole')
+  args[args.index(workdir)] = whole
+  subprocess.run(args, cwd=ROOT, capture_output=True, check=True, timeout=300)
+  from tests.test_train import final_variables
+  for cell in ('alpha=0.1,temperature=4.0', 'alpha=0.9,temperature=4.0'):
+    for seed in ('seed_0', 'seed_1'):
+      a = final_variables(os.path.join(workdir, cell, seed))
+      b = final_variables(os.path.join(whole, cell, seed))
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f'{cell}/{seed}/{key}')
 
 
 def test_sweep_grid_with_unknown_key_is_a_user_error(tmp_path):
