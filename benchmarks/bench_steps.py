@@ -24,6 +24,7 @@ if __package__ in (None, ''):  # run as `python benchmarks/bench_steps.py`: make
 import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from kdjax import mesh as mesh_lib  # noqa: E402
 
 PHASES = ('teacher', 'student_ce', 'student_kd')
 COLUMNS = [('phase', 'phase'), ('model', 'model'), ('compile_s', 'compile s'), ('images_per_s', 'train img/s'),
@@ -98,10 +99,8 @@ def load_data(args) -> dict:
   images, labels, num_classes = common.load_images(args.dataset, args.image_size, num_examples, args.cache_dir)
   if len(labels) < args.batch:
     raise SystemExit(f'{args.dataset} has {len(labels)} training examples, fewer than --batch={args.batch}')
-  mesh, mesh_note = common.data_mesh(args.augment, images.shape[1:])
-  if mesh_note:
-    print(f'note: {mesh_note}', file=sys.stderr)
-  return dict(mesh=mesh, mesh_note=mesh_note, dataset=common.resident(images, labels, mesh), num_classes=num_classes,
+  mesh = mesh_lib.make_data_mesh()
+  return dict(mesh=mesh, dataset=common.resident(images, labels, mesh), num_classes=num_classes,
               image_shape=images.shape[1:],
               preprocess=common.make_preprocess(images, common.dtype_of(args.dtype), args.augment))
 
@@ -117,9 +116,8 @@ def main(argv=None) -> dict:
     teacher = common.frozen_teacher(args.teacher, num_classes=data['num_classes'], image_shape=data['image_shape'],
                                     dtype=common.dtype_of(args.dtype), mesh=data['mesh'])
   rows = [measure_phase(name, args, data, teacher) for name in args.phases]
-  report = dict(common.environment(argv), benchmark='bench_steps', settings=vars(args),
+  report = dict(common.environment('bench_steps', argv), benchmark='bench_steps', settings=vars(args),
                 num_examples=data['dataset'].num_examples, image_shape=list(data['image_shape']),
-                mesh_note=data['mesh_note'],
                 phases={row['phase']: row for row in rows})
   print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {args.dtype}, "
         f"batch {args.batch}, {report['image_shape'][0]} px, {args.dataset}\n")

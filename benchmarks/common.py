@@ -6,10 +6,8 @@ assembled from kdjax's own pieces (the model registry, `build_objective`, `make_
 1-D data mesh of all local devices. Timed loops call `jax.block_until_ready` only after their last step, so the host
 runs ahead of the device as it does in training.
 """
-import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -20,10 +18,8 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh
 
 from kdjax import config as config_lib
 from kdjax import mesh as mesh_lib
@@ -88,53 +84,6 @@ def load_images(dataset: str, image_size: int, num_examples: int, cache_dir: str
 
 def resident(images: np.ndarray, labels: np.ndarray, mesh) -> loader.ResidentDataset:
   return loader.ResidentDataset.from_arrays(images, labels, mesh)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The mesh.
-
-def augmentation_problem(mesh, augment_name: str, image_shape) -> str:
-  """'' if the train-time augmentation traces on a batch sharded over `mesh`, else the first line of its error.
-
-  Tracing only (`jax.eval_shape`), so the check costs milliseconds.
-  """
-  pipeline = functools.partial(augment.AUGMENTATIONS[augment_name], image_size=image_shape[0])
-  images = jax.ShapeDtypeStruct((mesh.size, *image_shape), jnp.uint8, sharding=mesh_lib.batch_sharded(mesh))
-  try:
-    jax.eval_shape(pipeline, jax.random.key(0), images)
-  except Exception as error:  # noqa: BLE001 -- any tracing failure means this mesh cannot run the step
-    return f'{type(error).__name__}: {str(error).splitlines()[0]}'
-  return ''
-
-
-def data_mesh(augment_name: str, image_shape) -> tuple[Mesh, str]:
-  """(kdjax's data mesh, '') or, where the augmentation cannot trace on it, (the same devices with Auto axes, why).
-
-  `kdjax.mesh.make_data_mesh` builds an Explicit-axis mesh (JAX's default since 0.7); on it the vmapped per-example
-  crops of `crop_flip` and `random_resized_crop` fail to trace ('Mapped away dimension ... should be sharded the
-  same'), so training with those augmentations cannot run at all. The benchmarks then measure the same step on an
-  Auto-axis mesh of the same devices and say so in their output; once kdjax fixes this the fallback is never taken.
-  """
-  mesh = mesh_lib.make_data_mesh()
-  problem = augmentation_problem(mesh, augment_name, image_shape)
-  if not problem:
-    return mesh, ''
-  auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-  if augmentation_problem(auto, augment_name, image_shape):
-    raise SystemExit(f'augmentation {augment_name!r} does not trace on the data mesh: {problem}')
-  return auto, (f'kdjax.mesh.make_data_mesh() is {mesh.axis_types}; augmentation {augment_name!r} fails there '
-                f'({problem}); measured on the same devices with Auto axes')
-
-
-@contextlib.contextmanager
-def kdjax_uses_mesh(mesh):
-  """Within the block, `kdjax.train` builds its runs on `mesh` (the Auto-axis fallback of `data_mesh`)."""
-  original = mesh_lib.make_data_mesh
-  mesh_lib.make_data_mesh = lambda: mesh
-  try:
-    yield
-  finally:
-    mesh_lib.make_data_mesh = original
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,15 +235,16 @@ def cost(compiled) -> dict[str, float]:
   return {'flops': float(analysis.get('flops', 0.0)), 'bytes_accessed': float(analysis.get('bytes accessed', 0.0))}
 
 
-def environment(argv: list[str] | None) -> dict[str, Any]:
+def environment(script: str, argv: list[str] | None) -> dict[str, Any]:
   """What a figure depends on besides the code: the devices, the versions, when, and the exact command."""
   device = jax.local_devices()[0]
-  command = [os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else 'python'] + list(
-      sys.argv[1:] if argv is None else argv)
+  args = sys.argv[1:] if argv is None else list(argv)
   return {'device_kind': device.device_kind, 'platform': device.platform, 'device_count': jax.device_count(),
           'jax_version': jax.__version__, 'flax_version': flax.__version__, 'python': platform.python_version(),
-          'cpu_count': os.cpu_count(), 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-          'command': ' '.join(command), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+          'cpu_count': os.cpu_count(),
+          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'command': ' '.join(['python', '-m', f'benchmarks.{script}', *args]),
+          'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from kdjax import mesh as mesh_lib  # noqa: E402
 
 # Sizes that keep a measurement in the tens of milliseconds: big enough to reach the peak, small enough for CI.
 AUTO_SIZES = {'gpu': (8192, 1024), 'tpu': (8192, 1024), 'cpu': (1024, 64)}  # (matmul n, copy MiB)
@@ -69,7 +70,7 @@ def copy_bandwidth(mib: int, repeats: int) -> float:
 def build_step(args):
   """The phase's compiled train step, its state and teacher, and a few device-resident batches."""
   images, labels, num_classes = common.synthetic_images(4 * args.batch, args.image_size)
-  mesh, mesh_note = common.data_mesh(args.augment, images.shape[1:])
+  mesh = mesh_lib.make_data_mesh()
   dataset = common.resident(images, labels, mesh)
   preprocess = common.make_preprocess(images, common.dtype_of(args.dtype), args.augment)
   model_key, losses = common.phase_losses(common.parse_kd(args.kd))[args.phase]
@@ -85,7 +86,7 @@ def build_step(args):
   order = dataset.epoch_order(0, 0)
   batches = [dataset.train_batch(order, i, args.batch) for i in range(4)]
   compiled, compile_s = common.compile_timed(phase.train_fn, phase.state, phase.teacher_vars, batches[0])
-  return dict(compiled=compiled, compile_s=compile_s, phase=phase, batches=batches, mesh_note=mesh_note)
+  return dict(compiled=compiled, compile_s=compile_s, phase=phase, batches=batches)
 
 
 def roofline(flops: float, bytes_accessed: float, rate: float, bandwidth: float, step_s: float) -> dict:
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
   rate = matmul_rate(n, common.dtype_of(args.dtype), args.repeats)
   bandwidth = copy_bandwidth(mib, args.repeats)
   result = roofline(costs['flops'] * scale, costs['bytes_accessed'] * scale, rate, bandwidth, step_s / args.steps)
-  report = dict(common.environment(argv), benchmark='roofline', settings=vars(args), mesh_note=built['mesh_note'],
+  report = dict(common.environment('roofline', argv), benchmark='roofline', settings=vars(args),
                 compile_s=built['compile_s'], flops_per_device=costs['flops'],
                 bytes_accessed_per_device=costs['bytes_accessed'], devices_share_cores=shared,
                 matmul_size=n, matmul_flops_per_s=rate, copy_mib=mib, copy_bytes_per_s=bandwidth,
@@ -130,7 +131,8 @@ def main(argv=None) -> dict:
 
 def print_report(report: dict, args) -> None:
   rows = [dict(what='step FLOPs (XLA, per device)', value=f"{report['flops_per_device'] / 1e9:.3g} GFLOP"),
-          dict(what='step bytes accessed (XLA, per device)', value=f"{report['bytes_accessed_per_device'] / 2**20:.4g} MiB"),
+          dict(what='step bytes accessed (XLA, per device)',
+               value=f"{report['bytes_accessed_per_device'] / 2**20:.4g} MiB"),
           dict(what=f"matmul rate ({report['matmul_size']}², {args.dtype})",
                value=f"{report['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"),
           dict(what=f"bandwidth ({report['copy_mib']} MiB read + write)",
@@ -143,8 +145,6 @@ def print_report(report: dict, args) -> None:
   print(f"\n{args.phase} step: {args.teacher} -> {args.student}, {args.image_size} px, batch {args.batch}, "
         f"{args.dtype}; {report['device_kind']} x{report['device_count']}, jax {report['jax_version']}\n")
   print(common.markdown_table(rows, [('what', 'quantity'), ('value', 'value')]))
-  if report['mesh_note']:
-    print(f"\nnote: {report['mesh_note']}")
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ device. It needs torch with CUDA; without them kdjax runs alone and the report s
       --epochs-student 15 --kd 0.5:4:0.02 --json side_by_side.json
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -30,6 +29,7 @@ import ml_collections  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from kdjax import config as config_lib  # noqa: E402
+from kdjax import train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER = os.path.join(ROOT, '..', 'shared', 'bench', 'torch_kd_peer.py')
@@ -61,7 +61,8 @@ def parse_args(argv):
   parser.add_argument('--workdir', default='', help='parent of the kdjax run folders (default: a new temp folder)')
   parser.add_argument('--cache-dir', default='', help="kdjax's decode cache ('' = ~/.cache/kdjax)")
   parser.add_argument('--skip-peer', action='store_true')
-  parser.add_argument('--force-peer', action='store_true', help='run the peer even without torch, CUDA or its model names (e.g. a stand-in script)')
+  parser.add_argument('--force-peer', action='store_true',
+                      help='run the peer even without torch, CUDA or its model names (e.g. a stand-in script)')
   parser.add_argument('--peer-no-compile', action='store_true', help='pass --no-compile to the peer')
   parser.add_argument('--json', default='')
   return parser.parse_args(argv)
@@ -170,9 +171,8 @@ def kdjax_config(args, *, model: str, epochs: float, learning_rate: float, losse
   return cfg
 
 
-def run_kdjax(args, root: str, mesh_note: str, mesh) -> dict:
+def run_kdjax(args, root: str) -> dict:
   """The three runs in sub-workdirs of `root`; their summaries by phase."""
-  from kdjax import train  # late: importing it is cheap, but keep JAX untouched until the peer is done
   alpha, temperature, kd_lr = parse_kd(args.kd)
   eval_split = eval_split_of(args.data) if args.eval_split == 'auto' else args.eval_split
   ce = {'ce': config_lib.loss_term('ce')}
@@ -187,10 +187,9 @@ def run_kdjax(args, root: str, mesh_note: str, mesh) -> dict:
                                  losses=hinton, eval_split=eval_split, teacher_workdir=teacher_dir),
   }
   summaries = {}
-  with common.kdjax_uses_mesh(mesh) if mesh_note else contextlib.nullcontext():
-    for name, cfg in runs.items():
-      print(f'kdjax: {name}', flush=True)
-      summaries[name] = train.train_and_evaluate(cfg, os.path.join(root, name))
+  for name, cfg in runs.items():
+    print(f'kdjax: {name}', flush=True)
+    summaries[name] = train.train_and_evaluate(cfg, os.path.join(root, name))
   return summaries
 
 
@@ -224,15 +223,11 @@ def main(argv=None) -> dict:
   peer = dict(status='skipped', reason=skip, records={}) if skip else run_peer(peer_command(args))
   if skip:
     print(f'peer skipped: {skip}', flush=True)
-  # JAX starts only now, after the peer has given the GPU back.
-  mesh, mesh_note = common.data_mesh('crop_flip', (32, 32, 3))
-  if mesh_note:
-    print(f'note: {mesh_note}', file=sys.stderr)
   root = args.workdir or tempfile.mkdtemp(prefix='kdjax_side_by_side_')
   root = os.path.join(root, time.strftime('%Y%m%d-%H%M%S'))
-  kdjax = run_kdjax(args, root, mesh_note, mesh)
+  kdjax = run_kdjax(args, root)  # JAX starts only now, after the peer has given the GPU back
   rows = compare(kdjax, peer['records'])
-  report = dict(common.environment(argv), benchmark='side_by_side', settings=vars(args), mesh_note=mesh_note,
+  report = dict(common.environment('side_by_side', argv), benchmark='side_by_side', settings=vars(args),
                 workdir=root, peer=peer, kdjax=kdjax, phases={row['phase']: row for row in rows})
   print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {args.data}, "
         f"batch {args.batch}, epochs {args.epochs_teacher:g}/{args.epochs_student:g}, kd {args.kd}; "

@@ -49,6 +49,7 @@ def test_bench_steps_reports_every_phase(tmp_path):
   report = _read(out)
   assert ENVIRONMENT_KEYS <= set(report) and report['device_count'] == 8
   assert set(report['phases']) == {'teacher', 'student_ce', 'student_kd'}
+  assert [report['phases'][p]['model'] for p in ('teacher', 'student_ce', 'student_kd')] == ['cnn3', 'cnn2', 'cnn2']
   for row in report['phases'].values():
     for key in ('compile_s', 'images_per_s', 'step_ms', 'step_images_per_s', 'eval_compile_s', 'eval_images_per_s',
                 'xla_peak_bytes'):
