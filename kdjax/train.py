@@ -224,7 +224,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       if acc is None:  # the first step compiles; time it apart from the steady state
         jax.block_until_ready(state.step)
         timing['compile_s'] += time.time() - t0
-        acc, t_steady, steady_from = step_metrics, time.time(), step + 1
+        acc, t_steady, steady_from, paused_s = step_metrics, time.time(), step + 1, 0.0
       else:
         acc = metrics_lib.merge(acc, step_metrics)
       step += 1
@@ -237,6 +237,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         writer.write_scalars(step, scalars)
         history.record(step, scalars)
         acc = None if at_log else acc
+      at_checkpoint = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+      if at_eval or at_checkpoint:  # evaluation and saving are not training time: keep them off the img/s clock
+        jax.block_until_ready(state.step)
+        t_pause = time.time()
       if at_eval:
         last_eval = evaluate(eval_fn, state, teacher_vars, data.eval, cfg.eval_batch_size)
         writer.write_scalars(step, {f'eval/{k2}': v for k2, v in last_eval.items()})
@@ -249,12 +253,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
           checkpoints.save(state, meta, best=improved)
         elif improved:
           checkpoints.save(state, meta, best=True)
-      if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and not at_eval:
+      if at_checkpoint and not at_eval:
         checkpoints.save(state, dict(phase=k, phase_name=plan.names[k], epoch=step / plan.steps_per_epoch,
                                      best_top1=best_top1))
+      if at_eval or at_checkpoint:
+        paused_s += time.time() - t_pause
     jax.block_until_ready(state.step)
     if step > steady_from:
-      timing['train_s'] += time.time() - t_steady
+      timing['train_s'] += time.time() - t_steady - paused_s
       timing['train_images'] += (step - steady_from) * cfg.batch_size
   checkpoints.close()
 
