@@ -18,8 +18,12 @@ from kdjax.errors import UserError
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  # Multi-process: `latest` and `best` often save the same step at once; Orbax names its cross-process barriers
+  # by step, so each manager needs its own prefix or the two saves collide on one barrier.
+  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=os.path.basename(os.path.normpath(directory)))))
 
 
 class Checkpoints:

@@ -13,16 +13,28 @@ DATA_AXIS = 'data'
 
 
 def maybe_initialize_distributed() -> None:
-  """Join a multi-process run when the usual environment says so (`jax.distributed` reads it).
+  """Join a multi-process run when the environment says so; a single process does nothing.
 
-  Set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (or run under SLURM / Open MPI, which
-  `jax.distributed.initialize()` detects itself). A single process does nothing.
+  Either set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` on every process, or launch under
+  SLURM (`SLURM_NTASKS` > 1) or Open MPI (`OMPI_COMM_WORLD_SIZE` > 1), whose variables `jax.distributed.initialize()`
+  reads itself. Must run before anything touches a JAX backend: the CPU client is built with the cross-process
+  collectives chosen here, and without them a CPU run of several processes cannot all-reduce its gradients.
   """
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1:
+  explicit = bool(os.environ.get('JAX_COORDINATOR_ADDRESS')) and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1
+  launched = any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  if not (explicit or launched):
+    return
+  if jax.config.jax_cpu_collectives_implementation is None:
+    # Gloo over TCP: jax 0.10's default, unset in older releases; JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi still
+    # picks MPI. GPUs and TPUs bring their own collectives and ignore this setting.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(os.environ['JAX_NUM_PROCESSES']),
         process_id=int(os.environ['JAX_PROCESS_ID']))
+  else:
+    jax.distributed.initialize()
 
 
 def make_data_mesh() -> jax.sharding.Mesh:

@@ -97,6 +97,9 @@ TERMS: dict[str, Term] = {
 
 def check_term(term_cfg, path: str) -> None:
   """UserError unless `term_cfg` names a known term kind with known, valid arguments."""
+  if not hasattr(term_cfg, 'keys'):
+    raise UserError(f'config `{path}` must be a loss term like loss_term("ce", weight=1.0), got {term_cfg!r}; '
+                    'fix or remove it')
   if 'kind' not in term_cfg:
     raise UserError(f'config `{path}` has no `kind`; choose one of: {", ".join(sorted(TERMS))}')
   if term_cfg.kind not in TERMS:

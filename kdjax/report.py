@@ -3,6 +3,8 @@ import json
 import math
 import os
 
+import jax
+
 
 def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (ddof=1; 0.0 for a single value), as papers report `mean ± std`."""
@@ -26,6 +28,8 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> str:
   lines += [f'| **mean ± std (n={len(rows)})** | **{pct(best_mean)} ± {pct(best_std)}** | '
             f'**{pct(last_mean)} ± {pct(last_std)}** |', '']
   markdown = '\n'.join(lines)
+  if jax.process_index() != 0:  # one writer in a multi-process run
+    return markdown
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(markdown)
@@ -49,6 +53,8 @@ class History:
     self.rows.append(dict(step=int(step), **{k: float(v) for k, v in scalars.items()}))
 
   def save(self) -> None:
+    if jax.process_index() != 0:  # one writer: every process holds the same rows
+      return
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       json.dump(self.rows, f)

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 
+import jax
 from absl import logging
 
 from kdjax import report
@@ -105,6 +106,9 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
                  f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
   markdown = '\n'.join(lines) + '\n'
+  summary = dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])
+  if jax.process_index() != 0:  # one writer in a multi-process run
+    return summary
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(markdown)
@@ -116,4 +120,4 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     writer.writeheader()
     writer.writerows(rows)
   print(markdown, flush=True)
-  return dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])
+  return summary

@@ -77,8 +77,9 @@ def _check_workdir(cfg, workdir: str) -> None:
                       f'{", ".join(sorted(differing)[:5])}); use another --workdir or delete that one')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, 'w') as f:
+    with open(path + '.tmp', 'w') as f:  # atomic: another process may read it right now
       json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
 
 
 def _flat(tree, prefix=''):

@@ -4,6 +4,13 @@ Small and medium datasets (CIFAR, MNIST, Imagenette at 128-224 px) fit in device
 one gather per step on the device: no host decoding, no host-to-device copy per step, nothing for the accelerator
 to wait on. The order of examples is a function of (seed, epoch) only, so a resumed run sees the same batches as an
 uninterrupted one.
+
+Multi-process runs (`jax.distributed`): every process loads the whole split and places it on each of its own
+devices, and every process computes the same global order with numpy. A batch is sharded over the `data` axis and
+each device gathers only its own rows from its local copy, so a process materialises only its addressable shards
+and feeding a step needs no communication between processes. The price is memory: every device (of every process)
+holds the full split. Sharding the split itself would turn each step's gather into an all-to-all between hosts,
+because a random global permutation sends any example to any device.
 """
 import dataclasses
 import functools
@@ -11,24 +18,50 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType
 
 from kdjax import mesh as mesh_lib
 
 
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The training order of one epoch: deterministic in (seed, epoch), independent of the device count."""
+  """The training order of one epoch: deterministic in (seed, epoch), independent of the device and process count."""
   return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size',))
-def _gather(images, labels, order, index, *, batch_size):
-  rows = jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
-  return {'image': images[rows], 'label': labels[rows], 'index': rows}
+def _host_to_mesh(value: np.ndarray, sharding) -> jax.Array:
+  """A global array from a host array every process holds whole: each process fills only its own devices.
+
+  `make_array_from_callback` asks this process for its addressable shards only, which is what multi-process
+  placement needs; in one process it is a plain host-to-device copy.
+  """
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _constrain(x, sharding):
+  """Pin `x` to `sharding` inside a jit, on Auto (GSPMD) and on Explicit meshes alike."""
+  if all(t == AxisType.Explicit for t in sharding.mesh.axis_types):
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _take(table, rows, sharding):
+  """table[rows] laid out like `rows`: with `rows` sharded and `table` replicated, each device gathers its own rows."""
+  if all(t == AxisType.Explicit for t in sharding.mesh.axis_types):
+    return table.at[rows].get(out_sharding=sharding)
+  return jax.lax.with_sharding_constraint(table[rows], sharding)
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'sharding'))
+def _gather(images, labels, order, index, *, batch_size, sharding):
+  # The slice of the (replicated) order is split over the data axis before the gather, so no device gathers rows
+  # that another device (or process) owns, and nothing crosses a process boundary.
+  rows = _constrain(jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size), sharding)
+  return {'image': _take(images, rows, sharding), 'label': _take(labels, rows, sharding), 'index': rows}
 
 
 @dataclasses.dataclass
 class ResidentDataset:
-  """A split's uint8 images and int32 labels, replicated on every device of the mesh."""
+  """A split's uint8 images and int32 labels, replicated on every device of the mesh (of every process)."""
   images: jax.Array
   labels: jax.Array
   num_examples: int
@@ -36,7 +69,10 @@ class ResidentDataset:
 
   @classmethod
   def from_arrays(cls, images: np.ndarray, labels: np.ndarray, mesh) -> 'ResidentDataset':
-    return cls(images=mesh_lib.replicate(images, mesh), labels=mesh_lib.replicate(labels.astype(np.int32), mesh),
+    """Every process passes the same arrays (each loads the split itself); each places them on its devices."""
+    replicated = mesh_lib.replicated(mesh)
+    return cls(images=_host_to_mesh(np.asarray(images), replicated),
+               labels=_host_to_mesh(np.asarray(labels, dtype=np.int32), replicated),
                num_examples=len(labels), mesh=mesh)
 
   def steps_per_epoch(self, batch_size: int) -> int:
@@ -44,12 +80,13 @@ class ResidentDataset:
     return self.num_examples // batch_size
 
   def epoch_order(self, seed: int, epoch: int) -> jax.Array:
-    return jax.device_put(epoch_permutation(seed, epoch, self.num_examples), mesh_lib.replicated(self.mesh))
+    """The epoch's order on every device: one copy per epoch, then each step slices it on the device."""
+    return _host_to_mesh(epoch_permutation(seed, epoch, self.num_examples), mesh_lib.replicated(self.mesh))
 
   def train_batch(self, order: jax.Array, index: int, batch_size: int) -> dict[str, jax.Array]:
     """Batch `index` of an epoch's order, sharded over the data axis."""
-    batch = _gather(self.images, self.labels, order, jnp.int32(index), batch_size=batch_size)
-    return jax.device_put(batch, mesh_lib.batch_sharded(self.mesh))
+    return _gather(self.images, self.labels, order, jnp.int32(index), batch_size=batch_size,
+                   sharding=mesh_lib.batch_sharded(self.mesh))
 
   def eval_batches(self, batch_size: int):
     """Every example once, in order; the last batch is padded and masked so its shape stays static."""
@@ -57,7 +94,7 @@ class ResidentDataset:
     for start in range(0, self.num_examples, batch_size):
       rows = np.arange(start, start + batch_size)
       mask = rows < self.num_examples
-      rows = np.where(mask, rows, 0).astype(np.int32)
-      batch = _gather(self.images, self.labels, jnp.asarray(rows), jnp.int32(0), batch_size=batch_size)
-      batch['mask'] = jnp.asarray(mask)
-      yield jax.device_put(batch, sharding)
+      rows = _host_to_mesh(np.where(mask, rows, 0).astype(np.int32), sharding)
+      batch = _gather(self.images, self.labels, rows, jnp.int32(0), batch_size=batch_size, sharding=sharding)
+      batch['mask'] = _host_to_mesh(mask, sharding)
+      yield batch

@@ -1,0 +1,134 @@
+"""Multi-process training through `jax.distributed`: 2 processes on localhost (CPU, Gloo collectives).
+
+Two `main.py` processes with one CPU device each train the tiny CE config as one 2-device run, and must end where
+a single process with 2 devices ends: same global batch, same order, same parameters up to the float noise of
+reducing the gradients across processes instead of inside one. This is the path a multi-host GPU/TPU run takes
+(coordinator, per-process batch shards, one checkpoint written together, files and event logs from process 0).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kdjax import checkpoint as ckpt_lib
+from tests.conftest import ROOT, TINY
+
+TIMEOUT_S = 240
+
+
+def _gloo_missing() -> str:
+  """Why this jaxlib cannot run CPU collectives across processes ('' when it can)."""
+  try:
+    from jax._src.lib import _jax
+  except ImportError as error:
+    return f'jaxlib internals moved ({error}); cannot tell whether Gloo CPU collectives exist'
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    return 'this jaxlib was built without Gloo CPU collectives (make_gloo_tcp_collectives)'
+  return ''
+
+
+pytestmark = pytest.mark.skipif(bool(_gloo_missing()), reason=_gloo_missing() or 'n/a')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, log, devices, extra_env=None):
+  """`main.py` on the tiny CE config in a fresh process with `devices` CPU devices; output to `log`."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         **(extra_env or {})}
+  with open(log, 'w') as out:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:ce',
+                             '--workdir', workdir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _failing(proc, log) -> bool:
+  """Exited with an error, or printed a traceback: a multi-process run that failed can hang for minutes before it
+  exits (the survivors, and the failed process itself at its shutdown barrier, wait for their peers)."""
+  if proc.poll() not in (None, 0):
+    return True
+  with open(log, errors='replace') as f:
+    return 'Traceback (most recent call last)' in f.read()
+
+
+def _wait_all(procs: dict, logs: dict) -> None:
+  """Wait for every process; once one fails, stop them all and show the failing logs."""
+  deadline = time.time() + TIMEOUT_S
+  failed = []
+  try:
+    while any(p.poll() is None for p in procs.values()):
+      failed = [name for name, p in procs.items() if _failing(p, logs[name])]
+      if failed or time.time() > deadline:
+        break
+      time.sleep(0.5)
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  bad = {name: p.returncode for name, p in procs.items() if p.returncode != 0 or name in failed}
+  if bad:
+    tails = '\n'.join(f'--- {name} (rc {procs[name].returncode}):\n{open(logs[name]).read()[-3000:]}' for name in bad)
+    raise AssertionError(f'processes failed (or timed out after {TIMEOUT_S} s): {bad}\n{tails}')
+
+
+def _final_variables(workdir) -> dict[str, np.ndarray]:
+  """{path: array} of the newest checkpoint, restored onto one local device whatever topology saved it.
+
+  A checkpoint written by 2 processes records their devices (CPU ids 0 and 2048 here), which this process does not
+  have, so Orbax needs an explicit target sharding.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), item_handlers={
+      'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  step = manager.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                        manager.item_metadata(step)['state'])
+  raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+  manager.close()
+  return {**ckpt_lib._flatten_raw(raw['params']), **ckpt_lib._flatten_raw(raw['model_state']),
+          'step': np.asarray(raw['step'])}
+
+
+def _printed_summary(log) -> dict:
+  lines = [line for line in open(log).read().splitlines() if line.startswith('{"train"')]
+  assert lines, f'no summary line in {log}'
+  return json.loads(lines[-1])['train']
+
+
+def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
+  """2 processes x 1 CPU device == 1 process x 2 CPU devices: same final parameters, same eval accuracy."""
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  port = _free_port()
+  logs = {name: str(tmp_path / f'{name}.log') for name in ('process0', 'process1', 'single')}
+  procs = {f'process{i}': _start(multi, logs[f'process{i}'], 1, {
+      'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
+           for i in range(2)}
+  procs['single'] = _start(single, logs['single'], 2)  # concurrently: the 3 processes share the cores
+  _wait_all(procs, logs)
+
+  a, b = _final_variables(multi), _final_variables(single)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5, err_msg=key)
+  with open(os.path.join(multi, 'summary.json')) as f:
+    summary_multi = json.load(f)
+  with open(os.path.join(single, 'summary.json')) as f:
+    summary_single = json.load(f)
+  assert summary_multi['steps'] == summary_single['steps']
+  assert summary_multi['eval_top1'] == pytest.approx(summary_single['eval_top1'], abs=1e-6)
+  assert summary_multi['eval_top1'] > 0.5
+  # Every process computed the same global metrics; only process 0 wrote event files.
+  printed = [_printed_summary(logs[f'process{i}']) for i in range(2)]
+  assert printed[0]['eval_top1'] == printed[1]['eval_top1'] == summary_multi['eval_top1']
+  assert len([f for f in os.listdir(multi) if f.startswith('events.out.tfevents')]) == 1
