@@ -18,7 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType
 
 from kdjax import mesh as mesh_lib
 
@@ -37,17 +36,8 @@ def _host_to_mesh(value: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def _constrain(x, sharding):
-  """Pin `x` to `sharding` inside a jit, on Auto (GSPMD) and on Explicit meshes alike."""
-  if all(t == AxisType.Explicit for t in sharding.mesh.axis_types):
-    return jax.sharding.reshard(x, sharding)
-  return jax.lax.with_sharding_constraint(x, sharding)
-
-
 def _take(table, rows, sharding):
   """table[rows] laid out like `rows`: with `rows` sharded and `table` replicated, each device gathers its own rows."""
-  if all(t == AxisType.Explicit for t in sharding.mesh.axis_types):
-    return table.at[rows].get(out_sharding=sharding)
   return jax.lax.with_sharding_constraint(table[rows], sharding)
 
 
@@ -55,7 +45,8 @@ def _take(table, rows, sharding):
 def _gather(images, labels, order, index, *, batch_size, sharding):
   # The slice of the (replicated) order is split over the data axis before the gather, so no device gathers rows
   # that another device (or process) owns, and nothing crosses a process boundary.
-  rows = _constrain(jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size), sharding)
+  rows = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size),
+                                         sharding)
   return {'image': _take(images, rows, sharding), 'label': _take(labels, rows, sharding), 'index': rows}
 
 
