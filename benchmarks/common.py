@@ -188,7 +188,7 @@ def time_step_only(compiled, state, teacher_vars, batches: list, steps_: int, wa
 
 
 def eval_pass(compiled, state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int):
-  """One pass over the split as `kdjax.train.evaluate` makes it (masked batches, merged metrics); seconds."""
+  """One pass over the split as `kdjax.train.Run.evaluate` makes it (masked batches, merged metrics); seconds."""
   t0 = time.perf_counter()
   total = None
   for batch in dataset.eval_batches(batch_size):

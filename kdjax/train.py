@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,16 +120,52 @@ def load_teacher(cfg, data: run_data.RunData, dtype, mesh):
   return steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh), tuple(model.stage_channels)
 
 
-def evaluate(eval_fn, state, teacher_vars, dataset, batch_size) -> dict[str, float]:
-  total = None
-  for batch in dataset.eval_batches(batch_size):
-    batch_metrics = eval_fn(state, teacher_vars, batch)
-    total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
-  return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
+@dataclasses.dataclass
+class Run:
+  """What a run builds once: data on the devices, the frozen teacher, the student's pytrees, the phase plan."""
+  cfg: Any
+  workdir: str
+  data: run_data.RunData
+  teacher: steps.Teacher | None
+  teacher_vars: Any
+  student_def: Any
+  params: nnx.State
+  model_state: nnx.State
+  adapter_def: Any
+  adapter_params: nnx.State
+  preprocess: steps.Preprocess
+  plan: PhasePlan
+  phases: list
+  replicated: Any
+
+  def __post_init__(self):
+    self.eval_fn = steps.jit_eval_step(self.student_def, self.teacher, self.preprocess)
+
+  def phase_state(self, k: int, base_state=None):
+    """(optimizer, state) for phase k: `base_state` (or a fresh state) with phase k's new optimizer state."""
+    tx = optim.make_optimizer(self.phases[k].optimizer, self.plan.ends[k] - self.plan.starts[k],
+                              self.plan.steps_per_epoch)
+    source = base_state if base_state is not None else self
+    trainable, _ = state_lib.split_trainable(source.params, self.phases[k].trainable)
+    opt_state = tx.init((trainable, source.adapter_params))
+    num_terms = len(self.phases[k].losses)
+    if base_state is None:
+      state = state_lib.init_state(self.params, self.model_state, self.adapter_params, opt_state, self.cfg.seed,
+                                   num_terms)
+    else:
+      state = base_state.replace(opt_state=opt_state, first_nonfinite_terms=jnp.zeros((num_terms,), bool))
+    return tx, jax.device_put(state, self.replicated)
+
+  def evaluate(self, state, dataset) -> dict[str, float]:
+    total = None
+    for batch in dataset.eval_batches(self.cfg.eval_batch_size):
+      batch_metrics = self.eval_fn(state, self.teacher_vars, batch)
+      total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
+    return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
-  """Train (or resume) the run described by `cfg` in `workdir`; return its summary."""
+def build_run(cfg, workdir: str) -> Run:
+  """Validate, load the data and the teacher, create (or initialise from `init.workdir`) the student."""
   mesh = mesh_lib.make_data_mesh()
   config_lib.validate(cfg, jax.device_count())
   _check_workdir(cfg, workdir)
@@ -139,152 +176,164 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                      std=list(data.std)), f, indent=2)
   dtype = DTYPES[cfg.compute_dtype]
   teacher, teacher_vars, teacher_channels = load_teacher(cfg, data, dtype, mesh)
-
   student = create_model(cfg.student.name, num_classes=data.num_classes, image_shape=data.image_shape,
                          rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1), dtype=dtype,
                          **{k: v for k, v in cfg.student.items() if k != 'name'})
-  phases = [cfg.phases[name] for name in cfg.schedule]
-  adapters = objective_lib.Adapters(
-      objective_lib.adapter_shapes(phases, student.stage_channels, teacher_channels) if teacher else {},
-      rngs=nnx.Rngs(cfg.seed + 2), dtype=dtype)
   if cfg.init.workdir:  # fine-tuning: start from another run's (or an imported model's) weights
     graphdef, variables = nnx.split(student)
     student = nnx.merge(graphdef, ckpt_lib.restore_model_variables(
         cfg.init.workdir, variables, keep_fresh=cfg.init.keep_fresh, role='init'))
+  phases = [cfg.phases[name] for name in cfg.schedule]
+  adapters = objective_lib.Adapters(
+      objective_lib.adapter_shapes(phases, student.stage_channels, teacher_channels) if teacher else {},
+      rngs=nnx.Rngs(cfg.seed + 2), dtype=dtype)
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
-  plan = PhasePlan.from_config(cfg, data.train.num_examples)
+  size = data.image_shape[0]
   preprocess = steps.Preprocess(
-      augment=lambda rng, x: augment.AUGMENTATIONS[cfg.data.augment](rng, x, image_size=data.image_shape[0]),
-      evaluate=lambda x: augment.eval_transform(x, image_size=data.image_shape[0]),
-      mean=data.mean, std=data.std, dtype=dtype)
-  eval_fn = steps.jit_eval_step(student_def, teacher, preprocess)
-  replicated = mesh_lib.replicated(mesh)
+      augment=lambda rng, x: augment.AUGMENTATIONS[cfg.data.augment](rng, x, image_size=size),
+      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=data.mean, std=data.std, dtype=dtype)
+  return Run(cfg=cfg, workdir=workdir, data=data, teacher=teacher, teacher_vars=teacher_vars,
+             student_def=student_def, params=params, model_state=model_state, adapter_def=adapter_def,
+             adapter_params=adapter_params, preprocess=preprocess,
+             plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
+             replicated=mesh_lib.replicated(mesh))
 
-  def phase_state(k, base_state=None):
-    """A state for phase k: the given one (or a fresh one) with phase k's optimizer state."""
-    tx = optim.make_optimizer(phases[k].optimizer, plan.ends[k] - plan.starts[k], plan.steps_per_epoch)
-    src_params = base_state.params if base_state is not None else params
-    src_adapters = base_state.adapter_params if base_state is not None else adapter_params
-    trainable, _ = state_lib.split_trainable(src_params, phases[k].trainable)
-    opt_state = tx.init((trainable, src_adapters))
-    num_terms = len(phases[k].losses)
-    if base_state is None:
-      fresh = state_lib.init_state(params, model_state, adapter_params, opt_state, cfg.seed, num_terms)
-    else:
-      fresh = base_state.replace(opt_state=opt_state, first_nonfinite_terms=jnp.zeros((num_terms,), bool))
-    return tx, jax.device_put(fresh, replicated)
 
-  checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
-  writer = writers.create_writer(workdir)
-  def abstract_for_meta(meta):
-    return jax.tree.map(_abstract, phase_state(meta['phase'])[1])
+@dataclasses.dataclass
+class Bookkeeping:
+  """What the loop keeps across phases besides the state: outputs, best accuracy, timings."""
+  checkpoints: ckpt_lib.Checkpoints
+  writer: Any
+  history: report.History
+  progress: Any
+  best_top1: float
+  last_eval: dict | None = None
+  compile_s: float = 0.0
+  train_s: float = 0.0
+  train_images: int = 0
 
-  restored = checkpoints.restore_latest(abstract_for_meta)
+
+def restore_or_init(run: Run, checkpoints: ckpt_lib.Checkpoints):
+  """(phase index, optimizer, state, best top-1) from the newest good checkpoint, or a fresh start."""
+  restored = checkpoints.restore_latest(lambda meta: jax.tree.map(_abstract, run.phase_state(meta['phase'])[1]))
   if restored is None:
-    phase_index, (tx, state) = 0, phase_state(0)
-    best_top1 = -1.0
-  else:
-    state, meta = restored
-    phase_index = meta['phase']
-    tx = phase_state(phase_index)[0]
-    state = jax.device_put(state, replicated)
-    best_top1 = meta['best_top1']
-    logging.info('resumed from step %d (phase %s)', int(state.step), plan.names[phase_index])
+    tx, state = run.phase_state(0)
+    return 0, tx, state, -1.0
+  state, meta = restored
+  logging.info('resumed from step %d (phase %s)', int(state.step), run.plan.names[meta['phase']])
+  return meta['phase'], run.phase_state(meta['phase'])[0], jax.device_put(state, run.replicated), meta['best_top1']
 
-  start_step = int(jax.device_get(state.step))
-  history = report.History(workdir, upto_step=start_step)
-  progress = writers.create_progress(plan.ends[-1], writer, cfg.log_every_steps)
+
+def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
+  """Run phase k from the state's step to the phase's end: steps, logs, evaluations, checkpoints."""
+  cfg, plan = run.cfg, run.plan
+  objective, term_names = objective_lib.build_objective(run.phases[k].losses)
+  spec = steps.PhaseStep(student_def=run.student_def, adapter_def=run.adapter_def, teacher=run.teacher,
+                         objective=objective, term_names=term_names, tx=tx, trainable=run.phases[k].trainable,
+                         frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess)
+  train_fn = steps.jit_train_step(spec, run.replicated)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
-  timing = {'train_s': 0.0, 'train_images': 0, 'compile_s': 0.0}
-  last_eval = None
-  t_start = time.time()
+  step = first_step = int(jax.device_get(state.step))
+  acc, order, order_epoch, paused_s = None, None, None, 0.0
+  logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
+  while step < plan.ends[k]:
+    epoch, index = divmod(step, plan.steps_per_epoch)
+    if order_epoch != epoch:
+      order, order_epoch = run.data.train.epoch_order(cfg.seed, epoch), epoch
+    t0 = time.time()
+    state, step_metrics = train_fn(state, run.teacher_vars, run.data.train.train_batch(order, index, cfg.batch_size))
+    if step == first_step:  # the first step compiles: time it apart from the steady state
+      jax.block_until_ready(state.step)
+      book.compile_s += time.time() - t0
+      t_steady = time.time()
+    acc = step_metrics if acc is None else metrics_lib.merge(acc, step_metrics)
+    step += 1
+    book.progress(step)
+    at_log = step % cfg.log_every_steps == 0
+    at_eval = (step - plan.starts[k]) % eval_every == 0 or step == plan.ends[k]
+    at_checkpoint = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+    if at_log or at_eval:
+      _check_finite(cfg, state, term_names, book.checkpoints)
+      _write(book, step, 'train', jax.device_get(acc.compute()))
+      acc = None if at_log else acc
+    if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
+      jax.block_until_ready(state.step)
+      t_pause = time.time()
+      _evaluate_and_save(run, k, step, state, book, at_eval)
+      paused_s += time.time() - t_pause
+  jax.block_until_ready(state.step)
+  if step > first_step + 1:
+    book.train_s += time.time() - t_steady - paused_s
+    book.train_images += (step - first_step - 1) * cfg.batch_size
+  return state
 
-  for k in range(phase_index, len(phases)):
-    if plan.ends[k] <= start_step:
+
+def _write(book: Bookkeeping, step: int, prefix: str, values) -> None:
+  scalars = {f'{prefix}/{name}': float(v) for name, v in values.items()}
+  book.writer.write_scalars(step, scalars)
+  book.history.record(step, scalars)
+
+
+def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at_eval: bool) -> None:
+  """Evaluate (at eval steps) and checkpoint: every eval and phase end by default, else every N steps + the best."""
+  improved = False
+  if at_eval:
+    book.last_eval = run.evaluate(state, run.data.eval)
+    _write(book, step, 'eval', book.last_eval)
+    book.history.save()
+    improved = book.last_eval['top1'] > book.best_top1
+    book.best_top1 = max(book.best_top1, book.last_eval['top1'])
+  meta = dict(phase=k, phase_name=run.plan.names[k], epoch=step / run.plan.steps_per_epoch, best_top1=book.best_top1)
+  every_n = run.cfg.checkpoint_every_steps
+  if (every_n == 0 and at_eval) or (every_n and step % every_n == 0) or step == run.plan.ends[k]:
+    book.checkpoints.save(state, meta, best=improved)
+  elif improved:
+    book.checkpoints.save(state, meta, best=True)
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict:
+  """Train (or resume) the run described by `cfg` in `workdir`; return its summary."""
+  run = build_run(cfg, workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
+  phase_index, tx, state, best_top1 = restore_or_init(run, checkpoints)
+  start_step = int(jax.device_get(state.step))
+  writer = writers.create_writer(workdir)
+  book = Bookkeeping(checkpoints=checkpoints, writer=writer, history=report.History(workdir, upto_step=start_step),
+                     progress=writers.create_progress(run.plan.ends[-1], writer, cfg.log_every_steps),
+                     best_top1=best_top1)
+  t_start = time.time()
+  for k in range(phase_index, len(run.phases)):
+    if run.plan.ends[k] <= start_step:
       continue
     if k != phase_index:
-      tx, state = phase_state(k, state)
-      phase_index = k
-    ph = phases[k]
-    objective, term_names = objective_lib.build_objective(ph.losses)
-    spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher, objective=objective,
-                           term_names=term_names, tx=tx, trainable=ph.trainable, frozen_bn=ph.frozen_bn,
-                           preprocess=preprocess)
-    train_fn = steps.jit_train_step(spec, replicated)
-    step = int(jax.device_get(state.step))
-    acc, order, order_epoch = None, None, None
-    logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
-    while step < plan.ends[k]:
-      epoch, index = divmod(step, plan.steps_per_epoch)
-      if order_epoch != epoch:
-        order, order_epoch = data.train.epoch_order(cfg.seed, epoch), epoch
-      batch = data.train.train_batch(order, index, cfg.batch_size)
-      t0 = time.time()
-      state, step_metrics = train_fn(state, teacher_vars, batch)
-      if acc is None:  # the first step compiles; time it apart from the steady state
-        jax.block_until_ready(state.step)
-        timing['compile_s'] += time.time() - t0
-        acc, t_steady, steady_from, paused_s = step_metrics, time.time(), step + 1, 0.0
-      else:
-        acc = metrics_lib.merge(acc, step_metrics)
-      step += 1
-      progress(step)
-      at_log = step % cfg.log_every_steps == 0
-      at_eval = (step - plan.starts[k]) % eval_every == 0 or step == plan.ends[k]
-      if at_log or at_eval:
-        _check_finite(cfg, state, term_names, checkpoints)
-        scalars = {f'train/{k2}': float(v) for k2, v in jax.device_get(acc.compute()).items()}
-        writer.write_scalars(step, scalars)
-        history.record(step, scalars)
-        acc = None if at_log else acc
-      at_checkpoint = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-      if at_eval or at_checkpoint:  # evaluation and saving are not training time: keep them off the img/s clock
-        jax.block_until_ready(state.step)
-        t_pause = time.time()
-      if at_eval:
-        last_eval = evaluate(eval_fn, state, teacher_vars, data.eval, cfg.eval_batch_size)
-        writer.write_scalars(step, {f'eval/{k2}': v for k2, v in last_eval.items()})
-        history.record(step, {f'eval/{k2}': v for k2, v in last_eval.items()})
-        history.save()
-        improved = last_eval['top1'] > best_top1
-        best_top1 = max(best_top1, last_eval['top1'])
-        meta = dict(phase=k, phase_name=plan.names[k], epoch=step / plan.steps_per_epoch, best_top1=best_top1)
-        if cfg.checkpoint_every_steps == 0 or step == plan.ends[k]:
-          checkpoints.save(state, meta, best=improved)
-        elif improved:
-          checkpoints.save(state, meta, best=True)
-      if at_checkpoint and not at_eval:
-        checkpoints.save(state, dict(phase=k, phase_name=plan.names[k], epoch=step / plan.steps_per_epoch,
-                                     best_top1=best_top1))
-      if at_eval or at_checkpoint:
-        paused_s += time.time() - t_pause
-    jax.block_until_ready(state.step)
-    if step > steady_from:
-      timing['train_s'] += time.time() - t_steady - paused_s
-      timing['train_images'] += (step - steady_from) * cfg.batch_size
+      tx, state = run.phase_state(k, state)
+    state = train_phase(run, k, tx, state, book)
   checkpoints.close()
+  return _finish(run, state, book, time.time() - t_start)
 
-  if last_eval is None:  # the run was already finished: just report
-    last_eval = evaluate(eval_fn, state, teacher_vars, data.eval, cfg.eval_batch_size)
-  summary = dict(workdir=workdir, student=cfg.student.name, dataset=cfg.data.dataset, steps=int(state.step),
-                 epochs=round(int(state.step) / plan.steps_per_epoch, 3),
+
+def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
+  """The run's summary (also summary.json), history and curves."""
+  cfg = run.cfg
+  last_eval = book.last_eval or run.evaluate(state, run.data.eval)  # a finished run re-run: just report
+  steps_done = int(jax.device_get(state.step))
+  summary = dict(workdir=run.workdir, student=cfg.student.name, dataset=cfg.data.dataset, steps=steps_done,
+                 epochs=round(steps_done / run.plan.steps_per_epoch, 3),
                  eval_top1=last_eval['top1'], eval_top5=last_eval['top5'], eval_loss=last_eval['loss'],
-                 best_eval_top1=max(best_top1, last_eval['top1']),
+                 best_eval_top1=max(book.best_top1, last_eval['top1']),
                  nonfinite_updates=int(jax.device_get(state.nonfinite_updates)),
-                 wall_s=round(time.time() - t_start, 2), compile_s=round(timing['compile_s'], 2),
-                 train_images_per_s=round(timing['train_images'] / timing['train_s'], 1) if timing['train_s'] else None)
+                 wall_s=round(wall_s, 2), compile_s=round(book.compile_s, 2),
+                 train_images_per_s=round(book.train_images / book.train_s, 1) if book.train_s else None)
   if 'agreement' in last_eval:
     summary['eval_agreement'] = last_eval['agreement']
-  if data.heldout is not None:
-    heldout = evaluate(eval_fn, state, teacher_vars, data.heldout, cfg.eval_batch_size)
-    summary['heldout_top1'] = heldout['top1']
-  writer.flush()
-  history.save()
+  if run.data.heldout is not None:
+    summary['heldout_top1'] = run.evaluate(state, run.data.heldout)['top1']
+  book.writer.flush()
+  book.history.save()
   if jax.process_index() == 0:
-    history.plot()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    book.history.plot()
+    with open(os.path.join(run.workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return summary
 
