@@ -1,4 +1,6 @@
 """CLU metric collections computed inside the jitted steps; only their reduced values ever reach the host."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from clu import metrics
@@ -13,6 +15,15 @@ def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def collection(names) -> type[metrics.Collection]:
   """A CLU collection averaging each named output (per-example values are weighted by example)."""
+  return _collection_class(tuple(sorted(names)))
+
+
+@functools.lru_cache(maxsize=None)
+def _collection_class(names: tuple[str, ...]) -> type[metrics.Collection]:
+  # One class per set of names for the whole process. With a new class made at every trace, merging a phase's
+  # metrics intermittently met a collection of another phase's fields ("'_InlineCollection' object has no
+  # attribute 'ce'", seen twice in multi-phase runs); our reading is that a freed class's address was reused while
+  # a jit cache still keyed on it. Classes that live as long as the process cannot be confused that way.
   return metrics.Collection.create(**{name: metrics.Average.from_output(name) for name in names})
 
 

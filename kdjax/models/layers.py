@@ -135,3 +135,18 @@ def run_stages(stages: nnx.List, head: nnx.Module, x: jax.Array, *, train: bool
     x = stage(x, train=train)
     features.append(x)
   return head(x, train=train), tuple(features)
+
+
+class StagedClassifier(nnx.Module):
+  """The base of every model: `self.stages` (stage i outputs feature i), then `self.head` on the last feature.
+
+  Subclasses build `stages`, `head` and `_stage_channels` (the channel count of each feature) in `__init__`; the
+  forward pass and the `(logits, features)` contract live here once.
+  """
+
+  @property
+  def stage_channels(self) -> tuple[int, ...]:
+    return self._stage_channels
+
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return run_stages(self.stages, self.head, x, train=train)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import UserError
-from kdjax.models.layers import ClassifierHead, batch_norm, conv, run_stages
+from kdjax.models.layers import ClassifierHead, batch_norm, conv, StagedClassifier
 from kdjax.models.registry import register_model
 
 
@@ -128,7 +128,7 @@ class PreActStage(nnx.Module):
     return x
 
 
-class PreActResNet(nnx.Module):
+class PreActResNet(StagedClassifier):
   """Stem conv + pre-activation stages (the first keeps the resolution, each later one halves it) + avg-pool head.
 
   Args:
@@ -169,12 +169,6 @@ class PreActResNet(nnx.Module):
     self.head = ClassifierHead(channels[-1], num_classes, pool='avg', dropout=dropout, dtype=dtype, rngs=rngs)
     self._stage_channels = tuple(channels)
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 def _wide_resnet(depth: int, widen_factor: int):

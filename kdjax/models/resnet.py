@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import UserError
-from kdjax.models.layers import ClassifierHead, batch_norm, conv, max_pool, run_stages
+from kdjax.models.layers import ClassifierHead, batch_norm, conv, max_pool, StagedClassifier
 from kdjax.models.registry import register_model
 
 
@@ -125,7 +125,7 @@ class ResNetStage(nnx.Module):
     return x
 
 
-class ResNet(nnx.Module):
+class ResNet(StagedClassifier):
   """Generic ResNet: stem + one stage per entry of `block_counts` + global-average-pool head.
 
   Args:
@@ -172,12 +172,6 @@ class ResNet(nnx.Module):
     self.head = ClassifierHead(channels[-1], num_classes, pool='avg', dropout=dropout, dtype=dtype, rngs=rngs)
     self._stage_channels = tuple(channels)
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 _R18 = dict(block_counts=(2, 2, 2, 2))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import UserError
-from kdjax.models.layers import ClassifierHead, batch_norm, conv, max_pool, run_stages
+from kdjax.models.layers import ClassifierHead, batch_norm, conv, max_pool, StagedClassifier
 from kdjax.models.registry import register_model
 
 # width multiplier -> output channels of stages 1-3 and of the final 1x1 conv (the paper's Table 5)
@@ -142,7 +142,7 @@ class ShuffleStem(nnx.Module):
     return max_pool(x, 3, 2, pad=1) if self.pool else x
 
 
-class ShuffleNetV2(nnx.Module):
+class ShuffleNetV2(StagedClassifier):
   """ShuffleNet V2: stem, three unit stages, final 1x1 conv, avg-pool head (see the module docstring).
 
   Args:
@@ -169,12 +169,6 @@ class ShuffleNetV2(nnx.Module):
     self.head = ClassifierHead(last, num_classes, pool='avg', dropout=dropout, dtype=dtype, rngs=rngs)
     self._stage_channels = (STEM_WIDTH, *stage_widths, last)
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 register_model('shufflenet_v2', functools.partial(ShuffleNetV2, width=1.0))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax.models.layers import ClassifierHead, conv, linear, max_pool, run_stages
+from kdjax.models.layers import ClassifierHead, conv, linear, max_pool, StagedClassifier
 from kdjax.models.registry import register_model
 
 
@@ -27,7 +27,7 @@ class ConvReLUPool(nnx.Module):
     return max_pool(nnx.relu(self.conv(x)), 2, 2)
 
 
-class CNN(nnx.Module):
+class CNN(StagedClassifier):
   """Conv stages (one per entry of `channels`) + flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear head.
 
   Each stage halves H and W (floor), so the head's input size depends on `image_shape`; features are NHWC stage
@@ -46,12 +46,6 @@ class CNN(nnx.Module):
                                dtype=dtype, rngs=rngs)
     self._stage_channels = tuple(channels)
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 class DenseReLU(nnx.Module):
@@ -68,7 +62,7 @@ class DenseReLU(nnx.Module):
     return nnx.relu(self.linear(x))
 
 
-class MLP(nnx.Module):
+class MLP(StagedClassifier):
   """`depth` hidden Linear+ReLU stages of width `hidden`, then a Linear head. Features are (N, hidden) vectors."""
 
   def __init__(self, *, num_classes: int, image_shape: tuple[int, int, int], rngs: nnx.Rngs,
@@ -82,12 +76,6 @@ class MLP(nnx.Module):
     self.head = ClassifierHead(hidden, num_classes, pool='none', dropout=dropout, dtype=dtype, rngs=rngs)
     self._stage_channels = (hidden,) * depth
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 register_model('cnn2', functools.partial(CNN, channels=(32, 64)))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax.errors import UserError
-from kdjax.models.layers import ClassifierHead, ConvBNReLU, max_pool, run_stages
+from kdjax.models.layers import ClassifierHead, ConvBNReLU, max_pool, StagedClassifier
 from kdjax.models.registry import register_model
 
 # Output channels of each conv, grouped by stage (the layout decides where the max-pools go).
@@ -74,7 +74,7 @@ def _repdistiller_pools(num_stages: int, size: int) -> list[tuple[bool, bool]]:
 LAYOUTS = {'torchvision': _torchvision_pools, 'repdistiller': _repdistiller_pools}
 
 
-class VGG(nnx.Module):
+class VGG(StagedClassifier):
   """VGG-BN; `config` is a key of `VGG_CONFIGS`, `layout` one of `LAYOUTS` (see the module docstring).
 
   `dropout` (before the Linear) needs the 'dropout' stream if > 0.
@@ -101,12 +101,6 @@ class VGG(nnx.Module):
     self.head = ClassifierHead(in_ch, num_classes, pool='avg', dropout=dropout, dtype=dtype, rngs=rngs)
     self._stage_channels = tuple(widths[-1] for widths in groups)
 
-  @property
-  def stage_channels(self) -> tuple[int, ...]:
-    return self._stage_channels
-
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return run_stages(self.stages, self.head, x, train=train)
 
 
 register_model('vgg16_bn', functools.partial(VGG, config='D'))
