@@ -32,8 +32,14 @@ def optimizer(name='sgd', learning_rate=0.1, **overrides) -> ml_collections.Conf
 
 
 def loss_term(kind: str, weight: float = 1.0, **args) -> ml_collections.ConfigDict:
-  """One weighted loss term; `kind` names an entry of `kdjax.objective.TERMS`, `args` its arguments."""
-  return ml_collections.ConfigDict(dict(kind=kind, weight=weight, **args))
+  """One weighted loss term; `kind` names an entry of `kdjax.objective.TERMS`, `args` its arguments.
+
+  Every argument of the kind is filled in with its default, so each one can be overridden from the command line
+  (`--config.phases.train.losses.ce.label_smoothing=0.1`) even when the config file did not set it.
+  """
+  from kdjax import objective  # late: objective imports jax
+  defaults = objective.TERMS[kind].defaults if kind in objective.TERMS else {}
+  return ml_collections.ConfigDict(dict(kind=kind, weight=weight, **{**defaults, **args}))
 
 
 def phase(epochs: float, losses: dict, opt: ml_collections.ConfigDict | None = None,

@@ -54,12 +54,12 @@ def _adapted(args, student_out, teacher_out, adapters):
 
 def _feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
   """A term on one student and one teacher feature map (by stage index; -1 = the last, the head's input)."""
-  defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else False, **extra_defaults)
+  defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else 'never', **extra_defaults)
   if pool is not None:
     defaults['pool'] = pool
   return Term(
       compute=lambda a, s, t, y, ad, step: loss_fn(*_adapted(a, s, t, ad), **{k: a[k] for k in extra_defaults}),
-      defaults=defaults, needs_teacher=True, uses_features=True, same_channels=same_channels)
+      defaults=defaults, needs_teacher=True, uses_features=True, same_channels=same_channels, checks=_ADAPTER)
 
 
 def _logit_term(loss_fn, with_labels=False, checks=None, **defaults):
@@ -75,6 +75,8 @@ def _dkd(a, s, t, y, ad, step):
 
 
 _TEMPERATURE = dict(temperature=_positive('temperature'))
+_ADAPTER = dict(adapter=lambda v: None if v in ('auto', 'always', 'never') else
+                f"`adapter` must be 'auto' (where channels differ), 'always' or 'never', got {v!r}")
 
 TERMS: dict[str, Term] = {
     'ce': Term(compute=lambda a, s, t, y, ad, step: losses.cross_entropy(s[0], y, **a),
@@ -151,7 +153,7 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
       args = term_args(term_cfg)
       c_in = _stage(student_channels, args['student_stage'], 'student')
       c_out = _stage(teacher_channels, args['teacher_stage'], 'teacher')
-      if args['adapter'] is True or (args['adapter'] == 'auto' and c_in != c_out):
+      if args['adapter'] == 'always' or (args['adapter'] == 'auto' and c_in != c_out):
         shapes[adapter_key(args)] = (c_in, c_out)
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '

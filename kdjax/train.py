@@ -352,7 +352,8 @@ def _check_finite(cfg, state, term_names, checkpoints) -> None:
   bad_terms = [n for n, bad in zip(term_names, jax.device_get(state.first_nonfinite_terms)) if bad]
   checkpoints.close()
   last = checkpoints.latest.latest_step()
+  kept = f'the last good checkpoint (step {last}) is kept' if last is not None else 'no checkpoint was saved yet'
   raise NonFiniteError(
       f'non-finite loss or gradient at step {bad_step} (terms: {", ".join(bad_terms) or "gradients only"}); '
-      f'the last good checkpoint (step {last}) is kept; lower the learning rate, add '
+      f'{kept}; lower the learning rate, add '
       f'--config.phases.<phase>.optimizer.grad_clip_norm=1.0, or set --config.nonfinite=skip to skip such updates')

@@ -46,7 +46,7 @@ def test_feature_mse_learns_an_adapter_only_where_channels_differ():
 
 
 def test_mismatched_channels_without_adapter_is_a_user_error():
-  phase = config_lib.phase(1, {'a': config_lib.loss_term('feature_mse', adapter=False)})
+  phase = config_lib.phase(1, {'a': config_lib.loss_term('feature_mse', adapter='never')})
   with pytest.raises(UserError, match='set adapter=.auto.'):
     objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
   with pytest.raises(UserError, match='stage 7 does not exist'):
