@@ -77,18 +77,19 @@ def test_run_on_8_devices_matches_1_device(tmp_path):
   assert summary['eval_top1'] > 0.5  # 4 epochs on half the digits: far above chance (0.1)
 
 
-def _kill_and_resume(config_arg, workdir, kills, extra=()):
-  """Start the run, SIGKILL it right after each new checkpoint appears, `kills` times; then let it finish."""
+def _kill_and_resume(config_arg, workdir, kill_from_steps, extra=()):
+  """Start the run and SIGKILL it right after the first new checkpoint at or past each of `kill_from_steps`
+  (plus a random 0-0.3 s), restarting it each time with the same command; then let it finish."""
   args = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', config_arg, '--workdir', workdir, *extra]
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   killed_at = []
-  for _ in range(kills):
+  for target in kill_from_steps:
     seen = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
       now = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
-      new = {d for d in now - seen if d.isdigit()}
+      new = {d for d in now - seen if d.isdigit() and int(d) >= target}
       if new:
         time.sleep(np.random.default_rng(len(killed_at)).uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
@@ -102,13 +103,19 @@ def _kill_and_resume(config_arg, workdir, kills, extra=()):
 
 @pytest.mark.parametrize('variant', ['ce', 'stagewise'])
 def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
-  """SIGKILL at checkpoints (in phase 2 for the stage-wise run), resume: same final state as no interruption."""
+  """SIGKILL 3 times, resume: the same final state as no interruption.
+
+  The stage-wise run has phases stage0 (steps 0-22), stage1 (22-44) and classifier (44-88): it is killed inside
+  each of them, so resume continues in the middle of phase 2 and of phase 3.
+  """
   extra = ['--config.checkpoint_every_steps=7', f'--config.teacher.workdir={teacher_workdir}']
   whole = str(tmp_path / 'whole')
   run_main('--config', f'{TINY}:{variant}', '--workdir', whole, *extra, check=True)
   interrupted = str(tmp_path / 'interrupted')
-  killed_at = _kill_and_resume(f'{TINY}:{variant}', interrupted, kills=3, extra=extra)
+  killed_at = _kill_and_resume(f'{TINY}:{variant}', interrupted, kill_from_steps=(7, 28, 56), extra=extra)
   assert len(killed_at) == 3, killed_at
+  if variant == 'stagewise':  # one kill inside each phase
+    assert [sum(s >= end for end in (22, 44)) for s in killed_at] == [0, 1, 2], killed_at
   a, b = final_variables(whole), final_variables(interrupted)
   assert a.keys() == b.keys()
   for key in a:
