@@ -1,4 +1,5 @@
 """Results tables over runs: mean ± sample std (ddof=1) of best and last accuracy, as Markdown and JSON."""
+import csv
 import json
 import math
 import os
@@ -28,15 +29,25 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> str:
   lines += [f'| **mean ± std (n={len(rows)})** | **{pct(best_mean)} ± {pct(best_std)}** | '
             f'**{pct(last_mean)} ± {pct(last_std)}** |', '']
   markdown = '\n'.join(lines)
-  if jax.process_index() != 0:  # one writer in a multi-process run
-    return markdown
+  save_results(workdir, markdown, dict(title=title, runs=rows, best_eval_top1=dict(mean=best_mean, std=best_std),
+                                       last_eval_top1=dict(mean=last_mean, std=last_std)))
+  return markdown
+
+
+def save_results(workdir: str, markdown: str, data: dict, csv_rows: list[dict] | None = None) -> None:
+  """results.md, results.json (and results.csv) in `workdir`, written by process 0 only in a multi-process run."""
+  if jax.process_index() != 0:
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(markdown)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(dict(title=title, runs=rows, best_eval_top1=dict(mean=best_mean, std=best_std),
-                   last_eval_top1=dict(mean=last_mean, std=last_std)), f, indent=2)
-  return markdown
+    json.dump(data, f, indent=2, default=str)
+  if csv_rows:
+    with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+      writer.writeheader()
+      writer.writerows(csv_rows)
 
 
 class History:

@@ -6,7 +6,6 @@ of them resumes independently, so re-running a killed suite redoes nothing that 
 import copy
 import os
 
-import jax
 import ml_collections
 from absl import logging
 
@@ -57,9 +56,7 @@ def run_kd_comparison(cfg, workdir):
            f'{s["wall_s"]} |' for n, s in summaries.items()]
   table = '\n'.join(rows)
   print(table, flush=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.md'), 'w') as f:
-      f.write(table + '\n')
+  report.save_results(workdir, table + '\n', summaries)
   return {name: {k: s[k] for k in ('eval_top1', 'best_eval_top1', 'wall_s')} for name, s in summaries.items()}
 
 

@@ -6,12 +6,10 @@ picks up where it stopped.
 """
 import ast
 import copy
-import csv
 import itertools
 import json
 import os
 
-import jax
 from absl import logging
 
 from kdjax import report
@@ -106,18 +104,7 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
                  f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
   markdown = '\n'.join(lines) + '\n'
-  summary = dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])
-  if jax.process_index() != 0:  # one writer in a multi-process run
-    return summary
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(dict(cells=rows, best_cell=rows[winner]['cell'],
-                   runs={c['cell']: c['runs'] for c in cells}), f, indent=2, default=str)
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  report.save_results(workdir, markdown, dict(cells=rows, best_cell=rows[winner]['cell'],
+                                             runs={c['cell']: c['runs'] for c in cells}), csv_rows=rows)
   print(markdown, flush=True)
-  return summary
+  return dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])
