@@ -4,30 +4,20 @@ import pytest
 from tests.conftest import TINY, run_main
 
 
-@pytest.mark.parametrize('args, expected', [
-    (['--config.phases.train.optimiser.learning_rate=0.1'],
+@pytest.mark.parametrize('variant, args, expected', [
+    ('ce', ['--config.phases.train.optimiser.learning_rate=0.1'],
      'config key `phases.train.optimiser.learning_rate` does not exist (did you mean '
      '`phases.train.optimizer.learning_rate`?)'),
-    (['--config.batch_sise=64'], 'did you mean `batch_size`'),
-    (['--config.batch_size=many'], '--config.batch_size=many'),
-    (['--config.data.dataset=/nonexistent/cifar'], 'not found'),
-    (['--config.phases.train.losses.ce.kind=hinton_kd'], 'label_smoothing` is not an argument of loss `hinton_kd`'),
+    ('ce', ['--config.batch_sise=64'], 'did you mean `batch_size`'),
+    ('ce', ['--config.batch_size=many'], '--config.batch_size=many'),
+    ('ce', ['--config.data.dataset=/nonexistent/cifar'], 'not found'),
+    ('ce', ['--config.phases.train.losses.ce.kind=hinton_kd'], 'label_smoothing` is not an argument of loss `hinton_kd`'),
+    ('kd', ['--config.teacher.workdir=/nonexistent/teacher'], "teacher.workdir '/nonexistent/teacher' does not exist"),
+    ('kd', ['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.temperature=-1'], '`temperature` must be > 0'),
+    ('kd', ['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.alpha=1.5'], '`alpha` must be in [0, 1]'),
 ])
-def test_user_errors_are_one_clear_line(args, expected, tmp_path):
-  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'), *args)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert 'Traceback' not in proc.stderr
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: ') and expected in last, last
-
-
-@pytest.mark.parametrize('args, expected', [
-    (['--config.teacher.workdir=/nonexistent/teacher'], "teacher.workdir '/nonexistent/teacher' does not exist"),
-    (['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.temperature=-1'], '`temperature` must be > 0'),
-    (['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.alpha=1.5'], '`alpha` must be in [0, 1]'),
-])
-def test_kd_user_errors_are_one_clear_line(args, expected, tmp_path):
-  proc = run_main('--config', f'{TINY}:kd', '--workdir', str(tmp_path / 'w'), *args)
+def test_user_errors_are_one_clear_line(variant, args, expected, tmp_path):
+  proc = run_main('--config', f'{TINY}:{variant}', '--workdir', str(tmp_path / 'w'), *args)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
