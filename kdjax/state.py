@@ -46,10 +46,6 @@ def merge(*trees: nnx.State) -> nnx.State:
   return nnx.merge_state(*trees)
 
 
-def param_paths(tree: nnx.State) -> list[str]:
-  return [path_string(path) for path, _ in tree.flat_state()]
-
-
 def init_state(student_params, model_state, adapter_params, opt_state, seed: int, num_terms: int) -> TrainState:
   return TrainState(step=jnp.int32(0), params=student_params, model_state=model_state,
                     adapter_params=adapter_params, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)),
