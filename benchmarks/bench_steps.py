@@ -7,9 +7,8 @@ caused it. Phases:
   teacher     the teacher model trained on labels (CE)
   student_ce  the student trained on labels (CE)
   student_kd  the student trained with Hinton KD: frozen teacher forward + student step
-For each: compile seconds of the train step, train images/s of the loop as `kdjax.train` runs it (gather, step,
-metric merge; one sync after the last step), images/s of the step alone on pre-gathered batches, eval compile seconds
-and images/s, and memory (the runtime's peak where the backend reports it, else null; XLA's buffer plan always).
+For each: compile seconds of the train step, train images/s of the loop as `kdjax.train` runs it (the fused gather
++ step + metric program, metrics read at log steps), images/s of the bare step alone on pre-gathered batches, eval compile seconds and images/s, and memory (the runtime's peak where the backend reports it, else null; XLA's buffer plan always).
 
   python -m benchmarks.bench_steps --teacher resnet18_cifar --student cnn2 --image-size 32 --batch 512 \
       --dtype bfloat16 --steps 50 --warmup 5 --dataset synthetic --json bench_steps.json
@@ -43,6 +42,8 @@ def parse_args(argv):
   parser.add_argument('--dtype', default='bfloat16', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=50, help='timed steps per phase')
   parser.add_argument('--warmup', type=int, default=5, help='untimed steps before timing')
+  parser.add_argument('--log-every', type=int, default=50, help='the loop reads metrics every this many steps '
+                      '(config log_every_steps)')
   parser.add_argument('--dataset', default='synthetic', help='synthetic, or any kdjax dataset source (its train split)')
   parser.add_argument('--num-examples', type=int, default=10_000, help='resident examples (train and eval pass)')
   parser.add_argument('--augment', default='crop_flip', help='kdjax.data.augment.AUGMENTATIONS name')
@@ -68,17 +69,17 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   """Compile, time the training loop and the bare step, then compile and time one eval pass."""
   model_key, losses = common.phase_losses(common.parse_kd(args.kd))[name]
   model = args.teacher if model_key == 'teacher' else args.student
-  steps_per_epoch = data['dataset'].steps_per_epoch(args.batch)
   phase = common.build_phase(
       name, model, losses, teacher=teacher if name == 'student_kd' else None, num_classes=data['num_classes'],
       image_shape=data['image_shape'], preprocess=data['preprocess'], opt_cfg=common.peer_recipe(0.05),
-      total_steps=args.warmup + 2 * args.steps + 1, steps_per_epoch=steps_per_epoch, mesh=data['mesh'])
+      total_steps=args.warmup + 2 * args.steps + 1, dataset=data['dataset'], batch_size=args.batch,
+      mesh=data['mesh'])
   dataset = data['dataset']
   order = dataset.epoch_order(0, 0)
-  batches = [dataset.train_batch(order, i, args.batch) for i in range(min(4, steps_per_epoch))]
+  batches = [dataset.train_batch(order, i, args.batch) for i in range(min(4, dataset.steps_per_epoch(args.batch)))]
   train_step, compile_s = common.compile_timed(phase.train_fn, phase.state, phase.teacher_vars, batches[0])
-  state, loop_s = common.time_train(train_step, phase.state, phase.teacher_vars, dataset, args.batch,
-                                    args.steps, args.warmup)
+  state, loop_s = common.time_train(phase, phase.state, dataset, args.batch, args.steps, args.warmup,
+                                    args.log_every)
   state, step_s = common.time_step_only(train_step, state, phase.teacher_vars, batches, args.steps, 1)
   eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state, phase.teacher_vars,
                                                    next(dataset.eval_batches(args.eval_batch)))

@@ -2,7 +2,7 @@
 
 The benchmarks must measure the step that training really runs, so nothing here re-implements a step: a phase is
 assembled from kdjax's own pieces (the model registry, `build_objective`, `make_optimizer`, `init_state`,
-`PhaseStep`, `jit_train_step`, `ResidentDataset`) in the order `kdjax.train.train_and_evaluate` uses them, over the
+`PhaseStep`, `jit_train_program`, `ResidentDataset`) in the order `kdjax.train.train_and_evaluate` uses them, over the
 1-D data mesh of all local devices. Timed loops call `jax.block_until_ready` only after their last step, so the host
 runs ahead of the device as it does in training.
 """
@@ -93,7 +93,9 @@ def resident(images: np.ndarray, labels: np.ndarray, mesh) -> loader.ResidentDat
 class Phase:
   """One phase's jitted train and eval steps and its (replicated) state, as `kdjax.train` holds them."""
   name: str
-  train_fn: Any         # jax.jit of steps.train_step (student state donated)
+  train_fn: Any         # jax.jit of steps.train_step (student state donated): the bare step
+  steps_fn: Any         # jax.jit of steps.train_program: what the trainer dispatches (gather, step, metrics)
+  metrics_template: Any  # steps_fn's metric accumulator (its type's empty() starts one; it is donated)
   eval_fn: Any          # jax.jit of steps.eval_step
   state: state_lib.TrainState
   teacher_vars: Any     # None without a teacher
@@ -104,7 +106,8 @@ def make_preprocess(images: np.ndarray, dtype, augment_name: str = 'crop_flip') 
   mean, std = run_data.channel_stats(images)
   return steps.Preprocess(
       augment=lambda rng, x: augment.AUGMENTATIONS[augment_name](rng, x, image_size=size),
-      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=mean, std=std, dtype=dtype)
+      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=mean, std=std, dtype=dtype,
+      image_size=size)
 
 
 def build_model(name: str, *, num_classes: int, image_shape, dtype, seed: int) -> nnx.Module:
@@ -120,15 +123,15 @@ def frozen_teacher(name: str, *, num_classes: int, image_shape, dtype, mesh) -> 
 
 
 def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | None, num_classes: int,
-                image_shape, preprocess: steps.Preprocess, opt_cfg, total_steps: int, steps_per_epoch: int,
-                mesh, seed: int = 0) -> Phase:
+                image_shape, preprocess: steps.Preprocess, opt_cfg, total_steps: int,
+                dataset: loader.ResidentDataset, batch_size: int, mesh, seed: int = 0) -> Phase:
   """A phase's state and jitted steps, in the order `train_and_evaluate` makes them."""
   student = build_model(model_name, num_classes=num_classes, image_shape=image_shape, dtype=preprocess.dtype,
                         seed=seed)
   adapters = objective_lib.Adapters({}, rngs=nnx.Rngs(seed + 2), dtype=preprocess.dtype)
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
-  tx = optim.make_optimizer(opt_cfg, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(opt_cfg, total_steps, dataset.steps_per_epoch(batch_size))
   trainable, _ = state_lib.split_trainable(params, '.*')
   opt_state = tx.init((trainable, adapter_params))
   state = state_lib.init_state(params, model_state, adapter_params, opt_state, seed, len(losses))
@@ -137,9 +140,13 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   teacher_def, teacher_vars = teacher if teacher is not None else (None, None)
   spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher_def, objective=objective,
                          term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess)
+  state = jax.device_put(state, replicated)
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
-               eval_fn=steps.jit_eval_step(student_def, teacher_def, preprocess),
-               state=jax.device_put(state, replicated), teacher_vars=teacher_vars)
+               steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
+               metrics_template=steps.empty_metrics(spec, state, teacher_vars, (dataset.images, dataset.labels),
+                                                 batch_size),
+               eval_fn=steps.jit_eval_step(student_def, teacher_def, preprocess), state=state,
+               teacher_vars=teacher_vars)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,25 +159,31 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
-def train_loop(compiled, state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int, first: int,
-               count: int):
-  """`count` steps exactly as `kdjax.train` runs them: gather the batch on device, step, merge the metrics."""
-  order = dataset.epoch_order(0, 0)
+def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, first: int, count: int,
+               log_every: int):
+  """`count` steps exactly as `kdjax.train` runs them: one dispatch of the fused program (gather, step, metric
+  accumulation on the device) per step, the metrics read at each log step."""
+  split = (dataset.images, dataset.labels)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
-  acc = None
+  acc, order, order_epoch = type(phase.metrics_template).empty(), None, None
   for step in range(first, first + count):
-    batch = dataset.train_batch(order, step % steps_per_epoch, batch_size)
-    state, step_metrics = compiled(state, teacher_vars, batch)
-    acc = step_metrics if acc is None else metrics_lib.merge(acc, step_metrics)
+    epoch, index = divmod(step, steps_per_epoch)
+    if order_epoch != epoch:
+      order, order_epoch = dataset.epoch_order(0, epoch), epoch
+    state, acc = phase.steps_fn(state, phase.teacher_vars, split, order, index, acc)
+    if (step + 1) % log_every == 0:
+      jax.device_get(acc.compute())
+      acc = type(acc).empty()
   return state, acc
 
 
-def time_train(compiled, state, teacher_vars, dataset, batch_size: int, steps_: int, warmup: int):
-  """(new state, seconds for `steps_` steady-state steps of the training loop), after `warmup` untimed steps."""
-  state, acc = train_loop(compiled, state, teacher_vars, dataset, batch_size, 0, warmup)
+def time_train(phase: Phase, state, dataset, batch_size: int, steps_: int, warmup: int, log_every: int):
+  """(new state, seconds for `steps_` steady-state steps of the training loop), after `warmup` untimed steps
+  (which also compile the loop program)."""
+  state, acc = train_loop(phase, state, dataset, batch_size, 0, warmup, log_every)
   jax.block_until_ready((state, acc))
   t0 = time.perf_counter()
-  state, acc = train_loop(compiled, state, teacher_vars, dataset, batch_size, warmup, steps_)
+  state, acc = train_loop(phase, state, dataset, batch_size, warmup, steps_, log_every)
   jax.block_until_ready((state, acc))
   return state, time.perf_counter() - t0
 

@@ -82,7 +82,7 @@ def build_step(args):
       args.phase, args.teacher if model_key == 'teacher' else args.student, losses, teacher=teacher,
       num_classes=num_classes, image_shape=images.shape[1:], preprocess=preprocess,
       opt_cfg=common.peer_recipe(0.05), total_steps=args.warmup + args.steps + 1,
-      steps_per_epoch=dataset.steps_per_epoch(args.batch), mesh=mesh)
+      dataset=dataset, batch_size=args.batch, mesh=mesh)
   order = dataset.epoch_order(0, 0)
   batches = [dataset.train_batch(order, i, args.batch) for i in range(4)]
   compiled, compile_s = common.compile_timed(phase.train_fn, phase.state, phase.teacher_vars, batches[0])

@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       workdir='',              # a finished teacher run's workdir ('' = no teacher)
       name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match the checkpoint)
       epochs=10.0,             # kd_comparison: the teacher run's budget
+      cache=False,             # look the teacher's logits up per (example, augmentation view) instead of running
+                               # it every step: exact; for none/flip/crop_flip and logit losses (kdjax.teacher_cache)
   ))
   cfg.init = ml_collections.ConfigDict(dict(
       workdir='',              # start the student from this run's best checkpoint (or an imported model)
@@ -247,6 +249,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.suite in ('single', 'repeats', 'sweep') and uses_teacher(cfg) and not cfg.teacher.workdir:
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
                     'set --config.teacher.workdir=DIR of a finished teacher run')
+  if cfg.teacher.cache and uses_teacher(cfg):
+    from kdjax import objective, teacher_cache
+    teacher_cache.check_cacheable(cfg.data.augment, [
+        f'phases.{name}.losses.{term}' for name, ph in cfg.phases.items() for term, t in ph.losses.items()
+        if objective.TERMS[t.kind].uses_features])
 
 
 def stagewise(num_stages: int, stage_epochs: float, classifier_epochs: float, stage_optimizer, classifier_optimizer,

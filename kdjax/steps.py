@@ -1,9 +1,10 @@
-"""The pure train and eval steps: `(state, teacher, batch) -> (state, metrics)`.
+"""The pure train and eval steps: `(state, teacher, batch) -> (state, metrics)`, and the program that runs them.
 
-Everything static (graphdefs, the objective, the optimizer, the augmentation) is bound into a `StepFns` before
-`jax.jit`, so each step is one XLA program: augment on device, frozen teacher forward, student forward and backward,
-optax update, metrics. The teacher's variables are an argument (never differentiated, never donated); the student
-state is donated.
+Everything static (graphdefs, the objective, the optimizer, the augmentation) is bound into a `PhaseStep` before
+`jax.jit`, so a step is: augment on device, frozen teacher forward, student forward and backward, optax update,
+metrics. What the trainer dispatches is `train_program`: gather the batch from the device-resident split, the step,
+and the metric accumulation, as one XLA program. The teacher's variables are an argument
+(never differentiated, never donated); the student state and the metric accumulator are donated.
 """
 import dataclasses
 import functools
@@ -16,6 +17,7 @@ from flax import nnx
 
 from kdjax import metrics as metrics_lib
 from kdjax import state as state_lib
+from kdjax.data import loader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,14 @@ class Teacher:
     logits, features = model(images, train=False)
     return jax.lax.stop_gradient((logits, features))
 
+  def outputs(self, variables, images, batch, key):
+    """The train step's teacher outputs: a forward pass on the student's (augmented) images.
+
+    `kdjax.teacher_cache.CachedTeacher` has the same method and looks them up instead.
+    """
+    del batch, key
+    return self.forward(variables, images)
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
@@ -37,15 +47,16 @@ class Preprocess:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   dtype: Any
+  image_size: int        # what the model sees (augment and evaluate resize to it)
 
-  def _normalize(self, images):
+  def normalize(self, images):
     return ((images - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
 
   def train(self, rng, images):
-    return self._normalize(self.augment(rng, images))
+    return self.normalize(self.augment(rng, images))
 
   def eval(self, images):
-    return self._normalize(self.evaluate(images))
+    return self.normalize(self.evaluate(images))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +64,7 @@ class PhaseStep:
   """What one phase's train step needs besides its arguments."""
   student_def: Any
   adapter_def: Any
-  teacher: Teacher | None
+  teacher: Any            # Teacher, kdjax.teacher_cache.CachedTeacher, or None: anything with `outputs`
   objective: Callable
   term_names: tuple[str, ...]
   tx: optax.GradientTransformation
@@ -72,7 +83,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = spec.preprocess.train(key, batch['image'])
   labels = batch['label']
-  teacher_out = spec.teacher.forward(teacher_vars, images) if spec.teacher is not None else None
+  teacher_out = None if spec.teacher is None else spec.teacher.outputs(teacher_vars, images, batch, key)
   trainable, frozen = state_lib.split_trainable(state.params, spec.trainable)
 
   def loss_fn(trainable, adapter_params, model_state):
@@ -125,8 +136,39 @@ def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, stat
   return metrics_lib.collection(outputs).single_from_model_output(mask=mask, **outputs)
 
 
+def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state_lib.TrainState, teacher_vars,
+                  split: tuple[jax.Array, jax.Array], order: jax.Array, index, acc):
+  """What the trainer dispatches per step, as one XLA program: gather batch `index` of `order` from the resident
+  split (`split` = (images, labels), replicated), run `train_step`, add its metrics to the accumulator `acc`.
+
+  Gathering and accumulating inside the step's program leaves one dispatch per step instead of three (gather, step,
+  metric merge). Several steps per dispatch (a `fori_loop` over this body) were tried and dropped: on the CPU
+  backend the loop ran 4.7x slower than separate dispatches (see benchmarks/README.md).
+  """
+  images, labels = split
+  batch = loader.gather_batch(images, labels, order, index, batch_size=batch_size, sharding=batch_sharding)
+  state, step_metrics = train_step(spec, state, teacher_vars, batch)
+  return state, metrics_lib.accumulate(acc, step_metrics)
+
+
+def empty_metrics(spec: PhaseStep, state, teacher_vars, split, batch_size: int):
+  """The zero of `train_program`'s metric accumulator (the step's metric collection, empty)."""
+  images, labels = split
+  batch = {'image': jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype),
+           'label': jax.ShapeDtypeStruct((batch_size,), labels.dtype),
+           'index': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  _, shapes = jax.eval_shape(functools.partial(train_step, spec), state, teacher_vars, batch)
+  return type(shapes).empty()
+
+
 def jit_train_step(spec: PhaseStep, state_sharding):
+  """One step on a given batch: what the benchmarks time as the bare step and the roofline analyses."""
   return jax.jit(functools.partial(train_step, spec), donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+def jit_train_program(spec: PhaseStep, batch_size: int, batch_sharding, state_sharding):
+  return jax.jit(functools.partial(train_program, spec, batch_size, batch_sharding), donate_argnums=(0, 5),
+                 out_shardings=(state_sharding, None))
 
 
 def jit_eval_step(student_def, teacher, preprocess):

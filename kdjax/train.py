@@ -26,6 +26,7 @@ from kdjax import report
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
+from kdjax import teacher_cache
 from kdjax import writers
 from kdjax.data import augment
 from kdjax.errors import UserError
@@ -34,7 +35,7 @@ from kdjax.models import create_model
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Keys that may change between invocations on one workdir without making it a different experiment.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size',
-                     'data.cache_dir', 'data.data_dir', 'nonfinite')
+                     'data.cache_dir', 'data.data_dir', 'nonfinite', 'teacher.cache')
 
 
 class NonFiniteError(UserError):
@@ -128,6 +129,8 @@ class Run:
   data: run_data.RunData
   teacher: steps.Teacher | None
   teacher_vars: Any
+  train_teacher: Any        # what the train step asks for teacher outputs: `teacher`, or a CachedTeacher
+  train_teacher_arg: Any    # its step argument: `teacher_vars`, or the cached table
   student_def: Any
   params: nnx.State
   model_state: nnx.State
@@ -192,8 +195,14 @@ def build_run(cfg, workdir: str) -> Run:
   size = data.image_shape[0]
   preprocess = steps.Preprocess(
       augment=lambda rng, x: augment.AUGMENTATIONS[cfg.data.augment](rng, x, image_size=size),
-      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=data.mean, std=data.std, dtype=dtype)
+      evaluate=lambda x: augment.eval_transform(x, image_size=size), mean=data.mean, std=data.std, dtype=dtype,
+      image_size=size)
+  train_teacher, train_teacher_arg = teacher, teacher_vars
+  if teacher is not None and cfg.teacher.cache:  # validate() checked the augmentation and the loss terms
+    train_teacher, train_teacher_arg = teacher_cache.load_or_build(
+        teacher, teacher_vars, data.train, cfg.data.augment, preprocess, cfg.batch_size, cfg.data.cache_dir or None)
   return Run(cfg=cfg, workdir=workdir, data=data, teacher=teacher, teacher_vars=teacher_vars,
+             train_teacher=train_teacher, train_teacher_arg=train_teacher_arg,
              student_def=student_def, params=params, model_state=model_state, adapter_def=adapter_def,
              adapter_params=adapter_params, preprocess=preprocess,
              plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
@@ -229,25 +238,27 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   """Run phase k from the state's step to the phase's end: steps, logs, evaluations, checkpoints."""
   cfg, plan = run.cfg, run.plan
   objective, term_names = objective_lib.build_objective(run.phases[k].losses)
-  spec = steps.PhaseStep(student_def=run.student_def, adapter_def=run.adapter_def, teacher=run.teacher,
+  spec = steps.PhaseStep(student_def=run.student_def, adapter_def=run.adapter_def, teacher=run.train_teacher,
                          objective=objective, term_names=term_names, tx=tx, trainable=run.phases[k].trainable,
                          frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess)
-  train_fn = steps.jit_train_step(spec, run.replicated)
+  batch_sharding = mesh_lib.batch_sharded(run.data.train.mesh)
+  train_fn = steps.jit_train_program(spec, cfg.batch_size, batch_sharding, run.replicated)
+  split = (run.data.train.images, run.data.train.labels)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   step = first_step = int(jax.device_get(state.step))
-  acc, order, order_epoch, paused_s = None, None, None, 0.0
+  acc = steps.empty_metrics(spec, state, run.train_teacher_arg, split, cfg.batch_size)
+  order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:
     epoch, index = divmod(step, plan.steps_per_epoch)
     if order_epoch != epoch:
       order, order_epoch = run.data.train.epoch_order(cfg.seed, epoch), epoch
     t0 = time.time()
-    state, step_metrics = train_fn(state, run.teacher_vars, run.data.train.train_batch(order, index, cfg.batch_size))
+    state, acc = train_fn(state, run.train_teacher_arg, split, order, index, acc)
     if step == first_step:  # the first step compiles: time it apart from the steady state
       jax.block_until_ready(state.step)
       book.compile_s += time.time() - t0
       t_steady = time.time()
-    acc = step_metrics if acc is None else metrics_lib.merge(acc, step_metrics)
     step += 1
     book.progress(step)
     at_log = step % cfg.log_every_steps == 0
@@ -256,7 +267,8 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
     if at_log or at_eval:
       _check_finite(cfg, state, term_names, book.checkpoints)
       _write(book, step, 'train', jax.device_get(acc.compute()))
-      acc = None if at_log else acc
+      if at_log:
+        acc = type(acc).empty()
     if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
       jax.block_until_ready(state.step)
       t_pause = time.time()

@@ -49,7 +49,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
       student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
       trainable='.*', frozen_bn=True,
       preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
-                                  evaluate=lambda x: x / 255.0, mean=(0.5,), std=(0.25,), dtype=jnp.float32))
+                                  evaluate=lambda x: x / 255.0, mean=(0.5,), std=(0.25,), dtype=jnp.float32, image_size=8))
   state = state_lib.init_state(params, model_state, adapter_params, tx.init((params, adapter_params)), 0, 1)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)),
@@ -191,7 +191,7 @@ def test_every_augmentation_runs_in_the_sharded_step(name):
       trainable='.*', frozen_bn=True,
       preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[name](r, x, image_size=16),
                                   evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3,
-                                  dtype=jnp.float32))
+                                  dtype=jnp.float32, image_size=16))
   state = jax.device_put(state_lib.init_state(params, model_state, adapter_params,
                                               tx.init((params, adapter_params)), 0, 1), mesh_lib.replicated(mesh))
   step_fn = steps.jit_train_step(spec, mesh_lib.replicated(mesh))

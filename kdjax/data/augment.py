@@ -7,8 +7,13 @@ float32 in [0, 1]; float input keeps its scale. Crops and flips keep the dtype.
 
 Train-time pipelines live in the `AUGMENTATIONS` registry, all with the signature
 `pipeline(rng, images_uint8, *, image_size) -> float32 images in [0, 1]`; the caller normalises afterwards.
+Pipelines whose random choice per example is one of finitely many views (flips, integer translations) are
+`DiscreteAugmentation`s: they first sample a view id per example, then apply it. That split is what lets the
+teacher's outputs be computed once per (example, view) and looked up (`kdjax.teacher_cache`), and it makes the
+lookup exact by construction: the step and the cache apply views with the same function.
 """
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -24,19 +29,35 @@ def _as_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def random_crop_with_padding(rng: jax.Array, images: jax.Array, *, padding: int = 4) -> jax.Array:
-  """Zero-pads each side by `padding` and crops back to H x W at a random per-example offset (the CIFAR crop)."""
+def crop_with_padding(images: jax.Array, offsets: jax.Array, *, padding: int = 4) -> jax.Array:
+  """Zero-pads each side by `padding` and crops back to H x W at the given per-example (row, column) offsets."""
   n, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  offsets = jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
   crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
   return jax.vmap(crop)(padded, offsets)
 
 
+def flip_where(images: jax.Array, flip: jax.Array) -> jax.Array:
+  """Mirrors left-right the examples where `flip` (a boolean per example) is true."""
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def _crop_offsets(rng: jax.Array, n: int, padding: int) -> jax.Array:
+  return jax.random.randint(rng, (n, 2), 0, 2 * padding + 1)
+
+
+def _flip_draws(rng: jax.Array, n: int) -> jax.Array:
+  return jax.random.bernoulli(rng, 0.5, (n,))
+
+
+def random_crop_with_padding(rng: jax.Array, images: jax.Array, *, padding: int = 4) -> jax.Array:
+  """Zero-pads each side by `padding` and crops back to H x W at a random per-example offset (the CIFAR crop)."""
+  return crop_with_padding(images, _crop_offsets(rng, images.shape[0], padding), padding=padding)
+
+
 def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:
   """Mirrors each image left-right with probability 1/2."""
-  flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
-  return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+  return flip_where(images, _flip_draws(rng, images.shape[0]))
 
 
 def _crop_box(rng: jax.Array, height: int, width: int, scale, ratio, tries: int) -> jax.Array:
@@ -118,18 +139,44 @@ def eval_transform(images: jax.Array, *, image_size: int) -> jax.Array:
   return resize(images, image_size)
 
 
-def _none(rng, images, *, image_size):
+@dataclasses.dataclass(frozen=True)
+class DiscreteAugmentation:
+  """A pipeline whose per-example choice is one of `num_views` views: `sample` draws view ids, `apply` renders them.
+
+  `__call__` is the train-time pipeline (sample with the step's key, then apply), so a step that looks up cached
+  teacher outputs by `sample(rng, n)` gets exactly the views its student sees.
+  """
+  num_views: int
+  sample: Callable[[jax.Array, int], jax.Array]          # (rng, n) -> int32 view ids in [0, num_views)
+  apply: Callable[[jax.Array, jax.Array], jax.Array]     # (images at image_size in [0, 1], view ids) -> images
+
+  def __call__(self, rng, images, *, image_size):
+    return self.apply(eval_transform(images, image_size=image_size), self.sample(rng, images.shape[0]))
+
+
+def _one_view(rng, n):
   del rng
-  return eval_transform(images, image_size=image_size)
+  return jnp.zeros((n,), jnp.int32)
 
 
-def _flip(rng, images, *, image_size):
-  return random_flip(rng, eval_transform(images, image_size=image_size))
+def _flip_views(rng, n):
+  return _flip_draws(rng, n).astype(jnp.int32)
 
 
-def _crop_flip(rng, images, *, image_size):
+_PADDING = 4  # the CIFAR recipe's crop: pad 4, crop back; 9 x 9 offsets x 2 flips = 162 views
+
+
+def _crop_flip_views(rng, n):
+  """View id = (row offset * 9 + column offset) * 2 + flip, drawn as the CIFAR crop-and-flip draws them."""
   crop_key, flip_key = jax.random.split(rng)
-  return random_flip(flip_key, random_crop_with_padding(crop_key, eval_transform(images, image_size=image_size)))
+  offsets = _crop_offsets(crop_key, n, _PADDING)
+  return (offsets[:, 0] * (2 * _PADDING + 1) + offsets[:, 1]) * 2 + _flip_draws(flip_key, n).astype(jnp.int32)
+
+
+def _apply_crop_flip(images, views):
+  position, flip = views // 2, views % 2 == 1
+  offsets = jnp.stack([position // (2 * _PADDING + 1), position % (2 * _PADDING + 1)], axis=-1)
+  return flip_where(crop_with_padding(images, offsets, padding=_PADDING), flip)
 
 
 def _random_resized_crop(rng, images, *, image_size):
@@ -139,10 +186,12 @@ def _random_resized_crop(rng, images, *, image_size):
 
 # Train-time pipelines by config name (data.augment): pipeline(rng, images_uint8, *, image_size) -> [0, 1] float32.
 AUGMENTATIONS: dict[str, Callable[..., jax.Array]] = {
-    'none': _none,
-    'flip': _flip,
-    'crop_flip': _crop_flip,  # CIFAR recipe: pad 4, random 32x32 crop, flip.
-    'random_resized_crop': _random_resized_crop,  # ImageNet recipe: RandomResizedCrop to image_size, flip.
+    'none': DiscreteAugmentation(1, _one_view, lambda images, views: images),
+    'flip': DiscreteAugmentation(2, _flip_views, lambda images, views: flip_where(images, views == 1)),
+    # CIFAR recipe: pad 4, random 32x32 crop, flip.
+    'crop_flip': DiscreteAugmentation((2 * _PADDING + 1) ** 2 * 2, _crop_flip_views, _apply_crop_flip),
+    # ImageNet recipe: RandomResizedCrop to image_size, flip. Continuous boxes: no finite set of views.
+    'random_resized_crop': _random_resized_crop,
 }
 
 

@@ -13,7 +13,6 @@ holds the full split. Sharding the split itself would turn each step's gather in
 because a random global permutation sends any example to any device.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +40,19 @@ def _take(table, rows, sharding):
   return jax.lax.with_sharding_constraint(table[rows], sharding)
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size', 'sharding'))
-def _gather(images, labels, order, index, *, batch_size, sharding):
-  # The slice of the (replicated) order is split over the data axis before the gather, so no device gathers rows
-  # that another device (or process) owns, and nothing crosses a process boundary.
+def gather_batch(images, labels, order, index, *, batch_size, sharding) -> dict[str, jax.Array]:
+  """Batch `index` of `order` from the resident split, sharded over the data axis; traceable (the train program
+  calls it inside its loop, so gathering a batch costs no dispatch of its own).
+
+  The slice of the (replicated) order is split over the data axis before the gather, so no device gathers rows that
+  another device (or process) owns, and nothing crosses a process boundary.
+  """
   rows = jax.lax.with_sharding_constraint(jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size),
                                          sharding)
   return {'image': _take(images, rows, sharding), 'label': _take(labels, rows, sharding), 'index': rows}
+
+
+_gather = jax.jit(gather_batch, static_argnames=('batch_size', 'sharding'))
 
 
 @dataclasses.dataclass
