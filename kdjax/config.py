@@ -76,8 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (e.g. hidden=64 for mlp2), so a config adds the architecture arguments it wants to expose to overrides.
   cfg.student = ml_collections.ConfigDict(dict(name='cnn2'))
   cfg.teacher = ml_collections.ConfigDict(dict(
-      workdir='',              # a finished teacher run's workdir ('' = no teacher)
-      name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match the checkpoint)
+      # a finished teacher run's workdir, or several comma-separated ('runs/t1,runs/t2'): the teacher is then their
+      # ensemble (mean of the logits, first run's features; each run's own model; same classes); '' = no teacher
+      workdir='',
+      name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match a single teacher run;
+                               # ensemble members whose run records no model use it)
       epochs=10.0,             # kd_comparison: the teacher run's budget
       cache=False,             # look the teacher's logits up per (example, augmentation view) instead of running
                                # it every step: exact; for none/flip/crop_flip and logit losses (kdjax.teacher_cache)
@@ -222,6 +225,11 @@ def _check_ranges(cfg) -> None:
         raise UserError(f'config `{key}` must be {expected}, got {value!r}')
 
 
+def teacher_workdirs(cfg) -> list[str]:
+  """The teacher runs `teacher.workdir` names: one, or several separated by commas (an ensemble teacher)."""
+  return [workdir.strip() for workdir in cfg.teacher.workdir.split(',') if workdir.strip()]
+
+
 def uses_teacher(cfg) -> bool:
   from kdjax import objective
   return any(objective.TERMS[t.kind].needs_teacher for ph in cfg.phases.values() for t in ph.losses.values())
@@ -246,7 +254,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.suite == 'sweep':
     from kdjax import sweep
     sweep.parse_grid(cfg.sweep.grid, cfg)
-  if cfg.suite in ('single', 'repeats', 'sweep') and uses_teacher(cfg) and not cfg.teacher.workdir:
+  if cfg.suite in ('single', 'repeats', 'sweep') and uses_teacher(cfg) and not teacher_workdirs(cfg):
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
                     'set --config.teacher.workdir=DIR of a finished teacher run')
   if cfg.teacher.cache and uses_teacher(cfg):

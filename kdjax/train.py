@@ -27,6 +27,7 @@ from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
 from kdjax import teacher_cache
+from kdjax import teachers
 from kdjax import writers
 from kdjax.data import augment
 from kdjax.errors import UserError
@@ -94,30 +95,15 @@ def _flat(tree, prefix=''):
   return out
 
 
-def teacher_architecture(cfg) -> dict:
-  """The teacher model's constructor arguments, as recorded by the run that trained it (none if imported)."""
-  path = os.path.join(cfg.teacher.workdir, 'config.json')
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    trained = json.load(f).get('student', {})
-  if trained.get('name', cfg.teacher.name) != cfg.teacher.name:
-    raise UserError(f'teacher.workdir {cfg.teacher.workdir} trained a {trained["name"]}, but teacher.name is '
-                    f'{cfg.teacher.name}; set --config.teacher.name={trained["name"]}')
-  return {k: v for k, v in trained.items() if k != 'name'}
-
-
 def load_teacher(cfg, data: run_data.RunData, dtype, mesh):
-  """(frozen teacher, its replicated variables, its stage channels), or (None, None, ()) when no loss needs one."""
+  """(frozen teacher, its replicated variables, its stage channels), or (None, None, ()) when no loss needs one.
+
+  `teacher.workdir` may list several runs; the teacher is then their ensemble (see `kdjax.teachers`).
+  """
   if not config_lib.uses_teacher(cfg):
     return None, None, ()
-  if not os.path.isdir(cfg.teacher.workdir):
-    raise UserError(f'teacher.workdir {cfg.teacher.workdir!r} does not exist; train a teacher there first or '
-                    'point --config.teacher.workdir at a finished teacher run')
-  model = create_model(cfg.teacher.name, num_classes=data.num_classes, image_shape=data.image_shape,
-                       rngs=nnx.Rngs(0), dtype=dtype, **teacher_architecture(cfg))
+  model = teachers.restore_teacher(cfg, num_classes=data.num_classes, image_shape=data.image_shape, dtype=dtype)
   graphdef, variables = nnx.split(model)
-  variables = ckpt_lib.restore_model_variables(cfg.teacher.workdir, variables)
   return steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh), tuple(model.stage_channels)
 
 

@@ -37,6 +37,7 @@ def test_tiny_configs_are_valid():
     (lambda c: setattr(c, 'bath_size', 4), 'did you mean `batch_size`'),
     (lambda c: c.data.update(datset='x'), 'did you mean `data.dataset`'),
     (lambda c: c.teacher.update(workdir=''), 'teacher.workdir` is empty'),
+    (lambda c: c.teacher.update(workdir=' , '), 'teacher.workdir` is empty'),
 ])
 def test_bad_values_name_the_fix(mutate, expected):
   assert expected in _error(mutate, num_devices=8)

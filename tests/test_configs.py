@@ -16,6 +16,7 @@ ARGS = {
                     'ensemble_from_vgg16'],
     'imagenette_teacher.py': ['', 'smoke'], 'imagenette_student.py': ['', 'small,subset', 'smallest,repeats'],
     'imagenette_stagewise.py': ['', 'smoke', 'joint3', 'joint5,small', 'finetune,subset,repeats'],
+    'tiny_imagenet_kd.py': ['teacher', 'kd', 'ce', 'teacher,smoke', 'kd,smoke'],
 }
 CASES = [(name, arg) for name, args in ARGS.items() for arg in args]
 

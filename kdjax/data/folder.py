@@ -8,6 +8,8 @@ Rules, chosen to match torchvision's ImageFolder where it has one:
   folders are ignored.
 * Examples are sorted by (class, path) and then shuffled once with a fixed seed (`splits.fixed_order`); decoded
   arrays are stored, and sliced, in that order.
+A dataset with its own download layout is listed by its module instead (`LAYOUTS`: Tiny-ImageNet's
+`train/<wnid>/images/` and labelled `val/images/`, see `tiny_imagenet.py`), then decoded and cached the same way.
 """
 
 import os
@@ -17,6 +19,7 @@ import numpy as np
 from kdjax.data import archive
 from kdjax.data import cache
 from kdjax.data import images
+from kdjax.data import tiny_imagenet
 from kdjax.data.splits import ArraySplit, fixed_order
 from kdjax.errors import UserError
 
@@ -57,24 +60,40 @@ def list_files(tree: str, split: str, names: tuple[str, ...]) -> list[tuple[str,
     raise UserError(f'split folder {split_dir} has no class folders; lay the data out as {split_dir}/<class>/<images>')
   files = []
   for name in present:
-    class_dir = os.path.join(split_dir, name)
-    found = []
-    for parent, dirs, filenames in os.walk(class_dir):
-      dirs[:] = [d for d in dirs if not d.startswith('.')]
-      found += [os.path.join(parent, f) for f in filenames if images.is_image_file(f) and not f.startswith('.')]
-    files += [(path, names.index(name)) for path in sorted(found, key=lambda p: os.path.relpath(p, class_dir))]
+    files += [(path, names.index(name)) for path in images.image_files(os.path.join(split_dir, name))]
   if not files:
     raise UserError(f'no image files ({", ".join(sorted(images.IMAGE_EXTENSIONS))}) in the class folders of'
                     f' {split_dir}; add images or point data.dataset at another folder')
   return files
 
 
+def _list_image_folder(root: str, split: str) -> tuple[str, tuple[str, ...], list[tuple[str, int]]]:
+  tree = find_tree(root, split)
+  names = class_names(tree)
+  return tree, names, list_files(tree, split, names)
+
+
+# Folder layouts, tried in order on a dataset folder or an extracted archive: (name, is_layout(root),
+# list_split(root, split) -> (tree, class names, (path, label) pairs)). The plain tree is last and takes the rest.
+LAYOUTS = (
+    ('tiny_imagenet', tiny_imagenet.is_tree, tiny_imagenet.list_split),
+    ('image_folder', lambda root: True, _list_image_folder),
+)
+
+
+def list_split(root: str, split: str) -> tuple[str, tuple[str, ...], list[tuple[str, int]]]:
+  """(folder holding the split, class names, (path, label) pairs) by the first of `LAYOUTS` that `root` has."""
+  _, _, lister = next(layout for layout in LAYOUTS if layout[1](root))
+  return lister(root, split)
+
+
 def _fingerprint(files: list[tuple[str, int]]) -> str:
-  """Names, sizes and modification times of the files: edits to the folder give a new decoded-cache entry."""
+  """Names, labels, sizes and modification times of the files: edits to the folder (or to a label file such as
+  Tiny-ImageNet's val_annotations.txt) give a new decoded-cache entry."""
   stats = []
-  for path, _ in files:
+  for path, label in files:
     stat = os.stat(path)
-    stats.append((path, stat.st_size, stat.st_mtime_ns))
+    stats.append((path, label, stat.st_size, stat.st_mtime_ns))
   return cache.digest(stats)
 
 
@@ -89,17 +108,9 @@ def decode_files(files: list[tuple[str, int]], names: tuple[str, ...], *, image_
   return ArraySplit(array, labels, names, len(skipped)), skipped
 
 
-def _decode_tree(tree: str, split: str, *, image_size, on_corrupt) -> tuple[ArraySplit, list[str]]:
-  names = class_names(tree)
-  return decode_files(list_files(tree, split, names), names, image_size=image_size, on_corrupt=on_corrupt,
-                      where=os.path.join(tree, split))
-
-
 def load_folder(root: str, split: str, *, image_size, cache_dir, on_corrupt, **_) -> ArraySplit:
   """Loads a whole split of an image folder, through the decoded cache (keyed by a listing of the files)."""
-  tree = find_tree(os.path.abspath(os.path.expanduser(root)), split)
-  names = class_names(tree)
-  files = list_files(tree, split, names)
+  tree, names, files = list_split(os.path.abspath(os.path.expanduser(root)), split)
   entry = cache.decoded_dir(cache_dir, 'folder', tree, split, names, image_size, _fingerprint(files))
   return cache.load_or_decode(
       entry, lambda: decode_files(files, names, image_size=image_size, on_corrupt=on_corrupt,
@@ -115,8 +126,8 @@ def load_archive(path: str, split: str, *, image_size, cache_dir, on_corrupt, **
   entry = cache.decoded_dir(cache_dir, 'archive', archive.archive_key(path), split, image_size)
 
   def decode():
-    tree = find_tree(archive.extract_once(path, cache_dir), split)
-    return _decode_tree(tree, split, image_size=image_size, on_corrupt=on_corrupt)
+    tree, names, files = list_split(archive.extract_once(path, cache_dir), split)
+    return decode_files(files, names, image_size=image_size, on_corrupt=on_corrupt, where=os.path.join(tree, split))
 
   return cache.load_or_decode(entry, decode, on_corrupt=on_corrupt,
                               description=f'{os.path.abspath(path)}:{split} image_size={image_size}')

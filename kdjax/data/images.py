@@ -30,6 +30,15 @@ def is_image_file(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def image_files(folder: str) -> list[str]:
+  """The image files anywhere under `folder` (hidden files and folders skipped), sorted by path relative to it."""
+  found = []
+  for parent, dirs, filenames in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    found += [os.path.join(parent, f) for f in filenames if is_image_file(f) and not f.startswith('.')]
+  return sorted(found, key=lambda path: os.path.relpath(path, folder))
+
+
 def check_on_corrupt(on_corrupt: str) -> None:
   if on_corrupt not in ON_CORRUPT_CHOICES:
     raise UserError(f'data.on_corrupt is {on_corrupt!r}; set it to one of {", ".join(ON_CORRUPT_CHOICES)}')

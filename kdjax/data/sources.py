@@ -7,6 +7,8 @@ How the `source` string is read; the first rule that matches wins:
      (a path-like string that does not exist is an error, not a tfds name).
   4. anything else: a tfds catalogue name such as `cifar10` or `imagenette/320px-v2`, read only if already
      prepared.
+Folders and archives in a dataset's own download layout are recognised by `folder.LAYOUTS` (Tiny-ImageNet's
+`tiny-imagenet-200/`, which has no tfds builder: see `tiny_imagenet.py`).
 Each source returns the whole split in a fixed order, decoded through the cache; the `[a:b]` slice of the split
 spec is applied last (see `splits.py`), so every slice of a split shares one decoded cache entry.
 """

@@ -10,6 +10,7 @@ Slicing is left to `splits` on the whole split in tfds' stored order, which tfds
 """
 
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -25,7 +26,18 @@ def _prepare_hint(name: str) -> str:
           ' data_dir here and set data.data_dir), or point data.dataset at an image folder or .tar.gz')
 
 
+# Datasets sought in the tfds catalogue that it does not have, by their name squashed to letters: where they come from.
+NOT_IN_CATALOGUE = {
+    'tinyimagenet': 'tfds has no Tiny-ImageNet builder; unzip tiny-imagenet-200.zip and set '
+                    'data.dataset=/path/tiny-imagenet-200 (the folder, or a .tar.gz of it)',
+}
+
+
 def _builder(name: str, data_dir: str | None):
+  squashed = re.sub('[^a-z]', '', name.lower())
+  missing = next((hint for key, hint in NOT_IN_CATALOGUE.items() if squashed.startswith(key)), None)
+  if missing:
+    raise UserError(f'dataset {name!r} is not an existing folder or archive, and {missing}')
   _, sep, rest = name.partition(':')
   if sep and not rest[:1].isdigit():  # `name:1.0.0` is a version; `huggingface:name` would query the network.
     raise UserError(f'tfds community dataset {name!r} is not supported (it needs the network); use a catalogue name'

@@ -1,12 +1,13 @@
 """An ensemble of classifiers that presents itself as one model (mean of the members' logits).
 
-Two distillation set-ups need it. A multi-teacher run distils from the average of several teachers (Hinton, Vinyals,
-Dean, "Distilling the Knowledge in a Neural Network", 2015, distil an ensemble into one net; You et al., "Learning
-from Multiple Teacher Networks", KDD 2017, average the teachers' outputs). An online/mutual run trains several
-students together (Zhang et al., "Deep Mutual Learning", CVPR 2018; Lan et al., "Knowledge Distillation by On-the-Fly
-Native Ensemble", NeurIPS 2018) and reports the accuracy of their average. `Ensemble` gives the average through the
-ordinary `model(x, train=...)` call, so the trainer's evaluation and teacher code need no special case, and
-`member_logits` gives each member's logits for losses that treat members separately.
+Two distillation set-ups need it. A multi-teacher run (`teacher.workdir=runs/t1,runs/t2`, built by `kdjax.teachers`)
+distils from the average of several teachers (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network",
+2015, distil an ensemble into one net; You et al., "Learning from Multiple Teacher Networks", KDD 2017, average the
+teachers' outputs). An online/mutual run trains several students together (Zhang et al., "Deep Mutual Learning",
+CVPR 2018; Lan et al., "Knowledge Distillation by On-the-Fly Native Ensemble", NeurIPS 2018) and reports the
+accuracy of their average. `Ensemble` gives the average through the ordinary `model(x, train=...)` call, so the
+trainer's evaluation and teacher code need no special case, and `member_logits` gives each member's logits for
+losses that treat members separately.
 
 Averaging logits (not probabilities) keeps the output a logit, so temperature scaling and the KD losses apply to it
 unchanged; softmax of the mean logit is the normalised geometric mean of the members' distributions. Use

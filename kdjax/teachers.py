@@ -1,0 +1,83 @@
+"""The frozen teacher of a KD run: one finished run's model, or the ensemble of several runs' models.
+
+`teacher.workdir` names one run or a comma-separated list of runs (`runs/t1,runs/t2,runs/t3`). Each run's model is
+rebuilt from what that run recorded, so ensemble members may differ in architecture, and filled from its own best
+checkpoint. Several members become one `kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits,
+features = the first member's), so the trainer sees one model either way and nothing downstream changes.
+"""
+import json
+import os
+
+from flax import nnx
+
+from kdjax import checkpoint as ckpt_lib
+from kdjax import config as config_lib
+from kdjax import export
+from kdjax.errors import UserError
+from kdjax.models import create_model
+from kdjax.models.ensemble import Ensemble
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def teacher_architecture(cfg, workdir: str) -> tuple[str, dict]:
+  """(model name, constructor arguments) of the model trained in `workdir`, as that run recorded them.
+
+  A training run records its model as `student` in config.json; an import (`kdjax.interop.torch_import`) records
+  only a name, as `teacher`; a run that records neither (no config.json) is `teacher.name` with default arguments.
+  """
+  record = _read_json(os.path.join(workdir, 'config.json'))
+  if 'student' in record:
+    trained = dict(record['student'])
+  elif 'imported_from' in record:
+    trained = dict(record.get('teacher', {}))
+  else:
+    trained = {}
+  return trained.pop('name', cfg.teacher.name), trained
+
+
+def _recorded_classes(workdir: str) -> int | None:
+  """How many classes the run in `workdir` learnt: data.json of a training run, config.json of an import."""
+  data = _read_json(os.path.join(workdir, export.DATA_FILE))
+  if data:
+    return len(data['class_names'])
+  return _read_json(os.path.join(workdir, 'config.json')).get('num_classes')
+
+
+def _check_members(cfg, workdirs: list[str], names: list[str]) -> None:
+  """Every run exists; one run trained `teacher.name`, several runs learnt the same number of classes."""
+  for i, workdir in enumerate(workdirs):
+    if not os.path.isdir(workdir):
+      member = f' (ensemble member {i + 1} of {len(workdirs)})' if len(workdirs) > 1 else ''
+      raise UserError(f'teacher.workdir {workdir!r}{member} does not exist; train a teacher there first or point '
+                      '--config.teacher.workdir at a finished teacher run (or a comma-separated list of them)')
+  if len(workdirs) == 1 and names[0] != cfg.teacher.name:  # one teacher: the config must name what it trained
+    raise UserError(f'teacher.workdir {workdirs[0]} trained a {names[0]}, but teacher.name is {cfg.teacher.name}; '
+                    f'set --config.teacher.name={names[0]}')
+  counts = {workdir: count for workdir in workdirs if (count := _recorded_classes(workdir)) is not None}
+  if len(set(counts.values())) > 1:
+    listing = ', '.join(f'{workdir}: {count}' for workdir, count in counts.items())
+    raise UserError(f'the teacher ensemble members learnt different numbers of classes ({listing}); list only '
+                    'teacher runs of this dataset in --config.teacher.workdir')
+
+
+def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, image_shape, dtype) -> nnx.Module:
+  model = create_model(name, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0), dtype=dtype,
+                       **kwargs)
+  graphdef, variables = nnx.split(model)
+  return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
+
+
+def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int], dtype) -> nnx.Module:
+  """The teacher with its trained variables: the run's model, or the `Ensemble` of the listed runs' models."""
+  workdirs = config_lib.teacher_workdirs(cfg)
+  architectures = [teacher_architecture(cfg, workdir) for workdir in workdirs]
+  _check_members(cfg, workdirs, [name for name, _ in architectures])
+  members = [_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape, dtype=dtype)
+             for workdir, (name, kwargs) in zip(workdirs, architectures)]
+  return members[0] if len(members) == 1 else Ensemble(members)
