@@ -2,10 +2,11 @@
 
 SGD lr 0.05, batch 64, 240 epochs, x0.1 at epochs 150/180/210, weight decay 5e-4, momentum 0.9, crop+flip.
 Args: `teacher` (resnet32x4 on labels), `kd` (CE weight 0.1 + KD weight 0.9 at T=4), `dkd` (CE + DKD with
-alpha 1, beta 8, T 4, 20-epoch warm-up), `ce` (the student on labels). Data: `cifar100` from tfds (needs
-`tfds build cifar100` with internet) or `--config.data.dataset=PATH` of an image folder / .tar.gz; `:kd,cifar10`
-runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD is not wired yet (its memory bank needs a
-place in the train state). Not yet run on a GPU.
+alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embeddings of the pooled last stage,
+4096 negatives from memory banks of every training example, nce_t 0.07, momentum 0.5), `ce` (the student on
+labels). Data: `cifar100` from tfds (needs `tfds build cifar100` with internet) or `--config.data.dataset=PATH` of
+an image folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD here
+contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`). Not yet run on a GPU.
 """
 from kdjax.config import base_config, loss_term, optimizer, phase
 
@@ -29,6 +30,8 @@ def get_config(arg='kd'):
   elif 'dkd' in args:
     losses = {'ce': loss_term('ce'), 'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
                                                       warmup_steps=20 * steps_per_epoch)}
+  elif 'crd' in args:
+    losses = {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)}
   cfg.phases.train = phase(240, losses, sgd)
   cfg.eval_every_epochs = 10.0
   return cfg

@@ -87,7 +87,7 @@ def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
 
 
-def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / max(||x||, eps), written so that the gradient at x = 0 is 0 rather than NaN.
 
   Clamping the squared norm (instead of adding eps to the norm) keeps sqrt away from 0, where its derivative is
@@ -261,8 +261,8 @@ def linear_warmup(step, warmup_steps) -> jax.Array:
 
 def _pearson_rows(a: jax.Array, b: jax.Array) -> jax.Array:
   """Pearson correlation between matching rows of a and b (centre each row, then cosine)."""
-  a = _l2_normalize(a - jnp.mean(a, axis=-1, keepdims=True))
-  b = _l2_normalize(b - jnp.mean(b, axis=-1, keepdims=True))
+  a = l2_normalize(a - jnp.mean(a, axis=-1, keepdims=True))
+  b = l2_normalize(b - jnp.mean(b, axis=-1, keepdims=True))
   return jnp.sum(a * b, axis=-1)
 
 
@@ -360,7 +360,7 @@ def feature_mse(student_features, teacher_features) -> jax.Array:
 
 def _normalized_gram(features: jax.Array) -> jax.Array:
   f = _flatten(features)
-  return _l2_normalize(f @ f.T, axis=-1)
+  return l2_normalize(f @ f.T, axis=-1)
 
 
 def similarity_preserving(student_features, teacher_features) -> jax.Array:
@@ -385,7 +385,7 @@ def similarity_preserving(student_features, teacher_features) -> jax.Array:
 
 def _attention_map(features: jax.Array, p: float) -> jax.Array:
   a = jnp.mean(jnp.abs(features) ** p, axis=-1)  # Collapse channels (NHWC: the last axis).
-  return _l2_normalize(_flatten(a), axis=-1)
+  return l2_normalize(_flatten(a), axis=-1)
 
 
 def attention_transfer(student_features, teacher_features, *, p: float = 2) -> jax.Array:
@@ -457,7 +457,7 @@ def rkd_distance(student_emb, teacher_emb) -> jax.Array:
 
 def _angle_potential(x: jax.Array) -> jax.Array:
   # e[j, i] = unit vector from x_j to x_i; cos of the angle at vertex x_j between x_i and x_k is <e[j,i], e[j,k]>.
-  e = _l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+  e = l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
   return jnp.einsum('jid,jkd->jik', e, e)
 
 
@@ -513,7 +513,7 @@ def pkt(student_emb, teacher_emb, *, eps: float = 1e-7) -> jax.Array:
   off_diagonal = 1.0 - jnp.eye(s.shape[0], dtype=jnp.float32)
 
   def conditional_probabilities(x):
-    x = _l2_normalize(x, axis=-1)
+    x = l2_normalize(x, axis=-1)
     kernel = (x @ x.T + 1.0) / 2.0 * off_diagonal
     return kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-12)
 
@@ -578,10 +578,10 @@ def crd_nce(
   Returns:
     Float32 scalar.
   """
-  s = _l2_normalize(_f32(student_emb))
-  t = _l2_normalize(_f32(teacher_emb))
-  neg_s = _l2_normalize(_f32(negative_student_emb))
-  neg_t = _l2_normalize(_f32(negative_teacher_emb))
+  s = l2_normalize(_f32(student_emb))
+  t = l2_normalize(_f32(teacher_emb))
+  neg_s = l2_normalize(_f32(negative_student_emb))
+  neg_t = l2_normalize(_f32(negative_teacher_emb))
   if s.ndim != 2 or s.shape != t.shape:
     raise ValueError(
         f'crd_nce: student_emb shape {tuple(s.shape)} and teacher_emb shape {tuple(t.shape)} must both be '
@@ -616,7 +616,7 @@ def update_memory(memory, indices, embeddings, *, momentum: float = 0.5) -> jax.
     raise ValueError(
         f'update_memory: embeddings shape {tuple(new_rows.shape)} does not fit memory shape {tuple(memory.shape)}.')
   old_rows = memory[indices].astype(jnp.float32)
-  rows = _l2_normalize(momentum * old_rows + (1.0 - momentum) * new_rows, axis=-1)
+  rows = l2_normalize(momentum * old_rows + (1.0 - momentum) * new_rows, axis=-1)
   return memory.at[indices].set(rows.astype(memory.dtype))
 
 

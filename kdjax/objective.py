@@ -1,10 +1,15 @@
-"""From a phase's `losses` config to one function `(student_out, teacher_out, labels, adapters) -> (loss, terms)`.
+"""From a phase's `losses` config to one function `(student_out, teacher_out, labels, adapters, step, ...)`
+returning `(loss, terms, memory)`.
 
 Each loss *term* is an entry of `TERMS`: which arguments it takes (with defaults and checks), whether it needs the
 teacher, and how it maps model outputs to a `kdjax.losses` function. Outputs are `(logits, features)` pairs, so a
 term chooses which feature map feeds it by index. Feature terms whose student and teacher channel counts differ get
 a learned 1x1 adapter (FitNets' regressor), kept in a separate `Adapters` module next to the student and trained
 with it.
+
+A term may keep *memory* across steps (CRD's banks of past embeddings, one row per training example): it declares
+`init_memory`, its `compute` also takes the memory, the batch's example indices and a key, and returns the updated
+memory, which the train step keeps in the train state (so it is checkpointed, resumed and sharded like the rest).
 """
 import dataclasses
 from typing import Any, Callable
@@ -34,6 +39,9 @@ class Term:
   checks: dict[str, Callable[[Any], str | None]] = dataclasses.field(default_factory=dict)
   uses_features: bool = False
   same_channels: bool = False   # the loss compares channel by channel, so an adapter is needed when they differ
+  # Stateful terms: (args, num_examples, key) -> the term's memory; compute then takes (..., memory, index, key)
+  # and returns (value, new memory).
+  init_memory: Callable[..., dict] | None = None
 
 
 def _global_pool(x):
@@ -74,6 +82,31 @@ def _dkd(a, s, t, y, ad, step):
   return losses.linear_warmup(step, a['warmup_steps']) * losses.dkd(s[0], t[0], y, **args)
 
 
+def _crd_heads(name: str) -> tuple[str, str]:
+  return f'crd_{name}_student', f'crd_{name}_teacher'
+
+
+def _crd(a, s, t, y, ad, step, memory, index, key):
+  """CRD (Tian et al. 2020): project both pooled feature maps to `embed_dim` with learned heads, contrast each
+  side's embedding against `negatives` random rows of the other side's memory bank, then write the batch's
+  embeddings into the banks (momentum update)."""
+  student_head, teacher_head = _crd_heads(a['name'])
+  student = losses.l2_normalize(ad.maps[student_head](_global_pool(s[1][a['student_stage']])))
+  teacher = losses.l2_normalize(ad.maps[teacher_head](_global_pool(t[1][a['teacher_stage']])))
+  rows = jax.random.randint(key, (student.shape[0], a['negatives']), 0, memory['student'].shape[0])
+  value = losses.crd_nce(student, teacher, memory['student'][rows], memory['teacher'][rows], nce_t=a['nce_t'])
+  new_memory = {'student': losses.update_memory(memory['student'], index, student, momentum=a['momentum']),
+                'teacher': losses.update_memory(memory['teacher'], index, teacher, momentum=a['momentum'])}
+  return value, new_memory
+
+
+def _crd_memory(a, num_examples, key):
+  """Both banks start as random unit rows (the reference implementation starts from uniform noise)."""
+  student_key, teacher_key = jax.random.split(key)
+  bank = lambda k: losses.l2_normalize(jax.random.normal(k, (num_examples, a['embed_dim']), jnp.float32))
+  return {'student': bank(student_key), 'teacher': bank(teacher_key)}
+
+
 _TEMPERATURE = dict(temperature=_positive('temperature'))
 _ADAPTER = dict(adapter=lambda v: None if v in ('auto', 'always', 'never') else
                 f"`adapter` must be 'auto' (where channels differ), 'always' or 'never', got {v!r}")
@@ -94,6 +127,12 @@ TERMS: dict[str, Term] = {
     'at': _feature_term(losses.attention_transfer, p=2),
     'rkd': _feature_term(losses.relational_kd, pool='avg', distance_weight=25.0, angle_weight=50.0),
     'pkt': _feature_term(losses.pkt, pool='avg'),
+    # Contrastive representation distillation, with its memory banks in the train state (see `_crd`).
+    'crd': Term(compute=_crd, defaults=dict(student_stage=-1, teacher_stage=-1, embed_dim=128, negatives=4096,
+                                            nce_t=0.07, momentum=0.5),
+                needs_teacher=True, uses_features=True, init_memory=_crd_memory,
+                checks=dict(embed_dim=_positive('embed_dim'), negatives=_positive('negatives'),
+                            nce_t=_positive('nce_t'), momentum=_unit_interval('momentum'))),
 }
 
 
@@ -147,13 +186,16 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
   """The adapters all phases' feature terms need: {key: (student channels, teacher channels)}."""
   shapes = {}
   for ph in phases:
-    for term_cfg in ph.losses.values():
+    for name, term_cfg in ph.losses.items():
       if not TERMS[term_cfg.kind].uses_features:
         continue
       args = term_args(term_cfg)
       c_in = _stage(student_channels, args['student_stage'], 'student')
       c_out = _stage(teacher_channels, args['teacher_stage'], 'teacher')
-      if args['adapter'] == 'always' or (args['adapter'] == 'auto' and c_in != c_out):
+      if term_cfg.kind == 'crd':  # two embedding heads, one per side, into the same space
+        student_head, teacher_head = _crd_heads(name)
+        shapes[student_head], shapes[teacher_head] = (c_in, args['embed_dim']), (c_out, args['embed_dim'])
+      elif args['adapter'] == 'always' or (args['adapter'] == 'auto' and c_in != c_out):
         shapes[adapter_key(args)] = (c_in, c_out)
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '
@@ -168,14 +210,41 @@ def _stage(channels, index, who):
   return channels[index]
 
 
-def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
-  """One function computing the weighted sum of a phase's terms and each term's value."""
-  terms = [(name, TERMS[t.kind], term_args(t), float(t.weight)) for name, t in sorted(losses_cfg.items())]
+def init_memory(phases, num_examples: int, seed: int) -> dict:
+  """The memory of every stateful term of every phase, by term name: {name: {bank: (num_examples, ...) array}}."""
+  memory = {}
+  for ph in phases:
+    for name, term_cfg in sorted(ph.losses.items()):
+      term = TERMS[term_cfg.kind]
+      if term.init_memory is not None and name not in memory:
+        key = jax.random.fold_in(jax.random.key(seed), len(memory))
+        memory[name] = term.init_memory(_named_args(name, term_cfg), num_examples, key)
+  return memory
 
-  def objective(student_out, teacher_out, labels, adapters, step):
-    values = {name: term.compute(args, student_out, teacher_out, labels, adapters, step)
-              for name, term, args, _ in terms}
+
+def _named_args(name, term_cfg):
+  args = term_args(term_cfg)
+  return {**args, 'name': name} if TERMS[term_cfg.kind].init_memory is not None else args
+
+
+def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
+  """One function computing the weighted sum of a phase's terms, each term's value, and the terms' new memory.
+
+  `objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None)` returns
+  `(total, values, memory)`; `memory`, `index` (the batch's example indices) and `key` are needed only by
+  stateful terms, whose memory comes back updated (the others' is passed through).
+  """
+  terms = [(name, TERMS[t.kind], _named_args(name, t), float(t.weight)) for name, t in sorted(losses_cfg.items())]
+
+  def objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None):
+    values, memory = {}, dict(memory or {})
+    for position, (name, term, args, _) in enumerate(terms):
+      if term.init_memory is None:
+        values[name] = term.compute(args, student_out, teacher_out, labels, adapters, step)
+      else:
+        values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, step,
+                                                  memory[name], index, jax.random.fold_in(key, position))
     total = sum(weight * values[name] for name, _, _, weight in terms)
-    return total, values
+    return total, values, memory
 
   return objective, tuple(name for name, *_ in terms)

@@ -92,10 +92,11 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
     model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
     student_out = model(images, train=True)
     adapters = nnx.merge(spec.adapter_def, adapter_params)
-    loss, terms = spec.objective(student_out, teacher_out, labels, adapters, state.step)
-    return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)))
+    loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, state.step,
+                                         memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1))
+    return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)), memory)
 
-  (loss, (terms, logits, model_state)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+  (loss, (terms, logits, model_state, memory)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
       trainable, state.adapter_params, state.model_state)
   updates, opt_state = spec.tx.update(grads, state.opt_state, (trainable, state.adapter_params))
   trainable, adapter_params = optax.apply_updates((trainable, state.adapter_params), updates)
@@ -104,7 +105,8 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
   term_values = jnp.stack([terms[name] for name in spec.term_names])
   finite = jnp.isfinite(loss) & _all_finite(grads)
   candidate = state.replace(step=state.step + 1, params=state_lib.merge(trainable, frozen),
-                            model_state=model_state, adapter_params=adapter_params, opt_state=opt_state)
+                            model_state=model_state, adapter_params=adapter_params, opt_state=opt_state,
+                            memory=memory)
   refused = state.replace(
       step=state.step + 1, nonfinite_updates=state.nonfinite_updates + 1,
       first_nonfinite_step=jnp.where(state.first_nonfinite_step < 0, state.step, state.first_nonfinite_step),

@@ -140,7 +140,8 @@ class Run:
     num_terms = len(self.phases[k].losses)
     if base_state is None:
       state = state_lib.init_state(self.params, self.model_state, self.adapter_params, opt_state, self.cfg.seed,
-                                   num_terms)
+                                   num_terms, objective_lib.init_memory(self.phases, self.data.train.num_examples,
+                                                                        self.cfg.seed + 3))
     else:
       state = base_state.replace(opt_state=opt_state, first_nonfinite_terms=jnp.zeros((num_terms,), bool))
     return tx, jax.device_put(state, self.replicated)

@@ -21,6 +21,12 @@ def run_main(*args, env=None, timeout=300, check=False):
   return proc
 
 
+@pytest.fixture
+def cache_dir(tmp_path):
+  """A decode cache of the test's own, so tests never share (or pollute) ~/.cache/kdjax."""
+  return str(tmp_path / 'cache')
+
+
 @pytest.fixture(scope='session')
 def teacher_workdir(tmp_path_factory):
   """A finished tiny teacher run (cnn3 on digits), shared by the KD and stage-wise tests."""

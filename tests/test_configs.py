@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 ARGS = {
     'default.py': [None], 'cifar10_teacher.py': [None, 'smoke'], 'cifar10_student.py': [None, 'smoke'],
     'cifar10_kd.py': [None, 'smoke'], 'cifar10_kd_grid.py': [None], 'cifar10_vgg19_kd.py': ['teacher', '5', '20'],
-    'cifar10_adam_kd.py': [None], 'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10'],
+    'cifar10_adam_kd.py': [None], 'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10', 'crd'],
     'mnist_kd.py': ['teacher_vgg16', 'teacher_resnet164', 'mlp_from_vgg16', 'cnn3_from_resnet164',
                     'ensemble_from_vgg16'],
     'imagenette_teacher.py': ['', 'smoke'], 'imagenette_student.py': ['', 'small,subset', 'smallest,repeats'],

@@ -57,11 +57,6 @@ def tree(tmp_path):
   return make_tree(tmp_path / 'tree')
 
 
-@pytest.fixture
-def cache_dir(tmp_path):
-  return str(tmp_path / 'cache')
-
-
 def test_folder_loads_sorted_classes(tree, cache_dir):
   split = load_split(tree, 'train', cache_dir=cache_dir)
   assert split.images.shape == (len(CLASSES) * PER_CLASS, 8, 8, 3)

@@ -26,7 +26,10 @@ def test_every_term_gives_a_finite_scalar(kind):
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
   objective, names = objective_lib.build_objective(phase.losses)
   labels = jnp.arange(8) % 10
-  total, terms = objective(student, teacher, labels, adapters, jnp.int32(5))
+  memory = objective_lib.init_memory([phase], 20, seed=0)
+  total, terms, new_memory = objective(student, teacher, labels, adapters, jnp.int32(5), memory=memory,
+                                       index=jnp.arange(8), key=jax.random.key(2))
+  assert jax.tree.structure(new_memory) == jax.tree.structure(memory)
   assert names == ('t',) and total.shape == () and bool(jnp.isfinite(total))
   assert total == pytest.approx(float(terms['t']))
 
@@ -39,7 +42,7 @@ def test_feature_mse_learns_an_adapter_only_where_channels_differ():
   adapters = objective_lib.Adapters({'s1_t1': (16, 32)}, rngs=nnx.Rngs(0))
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   objective, _ = objective_lib.build_objective(phase.losses)
-  _, terms = objective(student, teacher, None, adapters, 0)
+  _, terms, _ = objective(student, teacher, None, adapters, 0)
   mapped = adapters.maps['s1_t1'](student[1][1])
   np.testing.assert_allclose(terms['b'], jnp.mean((mapped - teacher[1][1]) ** 2), rtol=1e-6)
   np.testing.assert_allclose(terms['a'], jnp.mean((student[1][0] - teacher[1][0]) ** 2), rtol=1e-6)
@@ -60,7 +63,7 @@ def test_dkd_warms_up_linearly():
   objective, _ = objective_lib.build_objective({'d': config_lib.loss_term('dkd', warmup_steps=10)})
   full = losses.dkd(student[0], teacher[0], labels)
   for step, factor in ((0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)):
-    total, _ = objective(student, teacher, labels, None, jnp.int32(step))
+    total, _, _ = objective(student, teacher, labels, None, jnp.int32(step))
     np.testing.assert_allclose(total, factor * full, rtol=1e-6)
 
 
@@ -69,6 +72,34 @@ def test_weights_combine_terms():
   labels = jnp.arange(8) % 10
   objective, _ = objective_lib.build_objective({
       'ce': config_lib.loss_term('ce', weight=0.1), 'kd': config_lib.loss_term('kd', weight=0.9, temperature=4.0)})
-  total, terms = objective(student, teacher, labels, None, 0)
+  total, terms, _ = objective(student, teacher, labels, None, 0)
   np.testing.assert_allclose(total, 0.1 * losses.cross_entropy(student[0], labels)
                              + 0.9 * losses.kd_divergence(student[0], teacher[0], temperature=4.0), rtol=1e-6)
+
+
+def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
+  """The CRD term equals crd_nce on the projected, normalised pooled maps with negatives drawn from the banks, and
+  only the batch's rows of each bank move (to the momentum-updated embeddings)."""
+  student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
+  phase = config_lib.phase(1, {'c': config_lib.loss_term('crd', embed_dim=6, negatives=5, momentum=0.25)})
+  shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
+  assert shapes == {'crd_c_student': (16, 6), 'crd_c_teacher': (32, 6)}
+  adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
+  memory = objective_lib.init_memory([phase], 30, seed=0)
+  np.testing.assert_allclose(jnp.linalg.norm(memory['c']['student'], axis=-1), 1.0, rtol=1e-5)
+  objective, _ = objective_lib.build_objective(phase.losses)
+  index, key = jnp.arange(10, 18), jax.random.key(4)
+  total, terms, new_memory = objective(student, teacher, None, adapters, 0, memory=memory, index=index, key=key)
+
+  s = losses.l2_normalize(adapters.maps['crd_c_student'](student[1][-1].mean(axis=(1, 2))))
+  t = losses.l2_normalize(adapters.maps['crd_c_teacher'](teacher[1][-1].mean(axis=(1, 2))))
+  rows = jax.random.randint(jax.random.fold_in(key, 0), (8, 5), 0, 30)
+  expected = losses.crd_nce(s, t, memory['c']['student'][rows], memory['c']['teacher'][rows], nce_t=0.07)
+  np.testing.assert_allclose(total, expected, rtol=1e-6)
+  np.testing.assert_allclose(terms['c'], expected, rtol=1e-6)
+  for side, emb in (('student', s), ('teacher', t)):
+    old, new = np.asarray(memory['c'][side]), np.asarray(new_memory['c'][side])
+    untouched = np.setdiff1d(np.arange(30), np.asarray(index))
+    np.testing.assert_array_equal(new[untouched], old[untouched])
+    moved = 0.25 * old[10:18] + 0.75 * np.asarray(emb)
+    np.testing.assert_allclose(new[10:18], moved / np.linalg.norm(moved, axis=-1, keepdims=True), rtol=1e-5)

@@ -61,11 +61,6 @@ def root(tmp_path):
   return make_tiny_imagenet(tmp_path / 'data')
 
 
-@pytest.fixture
-def cache_dir(tmp_path):
-  return str(tmp_path / 'cache')
-
-
 def test_train_and_val_get_the_right_labels(root, cache_dir):
   train = load_split(root, 'train', cache_dir=cache_dir)
   assert train.class_names == SORTED

@@ -21,6 +21,7 @@ from kdjax import state as state_lib
 from kdjax import steps
 from kdjax import train
 from kdjax.data import augment
+from kdjax.data import sources
 from kdjax.models import create_model
 from tests.conftest import ROOT, TINY, run_main
 from tests.tiny_configs import tiny
@@ -162,6 +163,23 @@ def test_kd_run_reports_agreement_with_its_teacher(tmp_path, teacher_workdir):
   summary = train.train_and_evaluate(cfg, str(tmp_path / 'kd'))
   assert 0.0 <= summary['eval_agreement'] <= 1.0
   assert summary['eval_agreement'] > 0.3
+
+
+def test_crd_run_keeps_its_memory_banks_in_the_checkpointed_state(tmp_path, teacher_workdir):
+  cfg = tiny.get_config('crd')
+  cfg.teacher.workdir = teacher_workdir
+  summary = train.train_and_evaluate(cfg, str(tmp_path / 'crd'))
+  assert summary['eval_top1'] > 0.2 and summary['nonfinite_updates'] == 0  # above chance (0.1) in 88 steps
+  manager = ocp.CheckpointManager(os.path.abspath(str(tmp_path / 'crd' / 'checkpoints')))
+  raw = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  banks = raw['memory']['crd']
+  num_train = len(sources.load_split('digits', cfg.data.train_split).labels)
+  initial = objective_lib.init_memory([cfg.phases.train], num_train, cfg.seed + 3)['crd']
+  for side in ('student', 'teacher'):
+    assert banks[side].shape == (num_train, 16)
+    np.testing.assert_allclose(np.linalg.norm(banks[side], axis=-1), 1.0, rtol=1e-4)
+    moved = np.any(banks[side] != np.asarray(initial[side]), axis=-1)
+    assert moved.mean() > 0.9, moved.mean()  # 4 epochs: nearly every example's row was written
 
 
 def test_finished_run_is_not_retrained(tmp_path):

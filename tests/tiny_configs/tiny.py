@@ -1,4 +1,4 @@
-"""Tiny runs on the bundled digits for integration tests: `get_config('ce'|'teacher'|'kd'|'stagewise')`.
+"""Tiny runs on the bundled digits for integration tests: `get_config('ce'|'teacher'|'kd'|'crd'|'stagewise')`.
 
 The KD and stage-wise variants expect `--config.teacher.workdir` to point at a finished 'teacher' run.
 """
@@ -25,6 +25,8 @@ def get_config(arg='ce'):
     cfg.student.dropout = 0.0
   elif arg == 'kd':
     cfg.phases.train.losses = {'kd': loss_term('hinton_kd', alpha=0.5, temperature=4.0)}
+  elif arg == 'crd':
+    cfg.phases.train.losses = {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8, embed_dim=16, negatives=64)}
   elif arg == 'stagewise':
     cfg.schedule, cfg.phases = stagewise(2, 1.0, 2.0, opt, opt)
   return cfg
