@@ -84,6 +84,8 @@ def main(argv):
   name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
   workdir = _WORKDIR.value or os.path.join('workdirs', name)
   logging.info('config %s -> workdir %s', name, workdir)
+  from kdjax import compile_cache
+  compile_cache.enable(cfg.data.cache_dir or None)
   try:
     result = MODES[_MODE.value](cfg, workdir)
   except UserError as error:

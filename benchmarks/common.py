@@ -95,7 +95,7 @@ class Phase:
   name: str
   train_fn: Any         # jax.jit of steps.train_step (student state donated): the bare step
   steps_fn: Any         # jax.jit of steps.train_program: what the trainer dispatches (gather, step, metrics)
-  metrics_template: Any  # steps_fn's metric accumulator (its type's empty() starts one; it is donated)
+  metrics_template: Any  # an empty accumulator of steps_fn: each loop starts from a fresh copy (they are donated)
   eval_fn: Any          # jax.jit of steps.eval_step
   state: state_lib.TrainState
   teacher_vars: Any     # None without a teacher
@@ -134,7 +134,8 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   tx = optim.make_optimizer(opt_cfg, total_steps, dataset.steps_per_epoch(batch_size))
   trainable, _ = state_lib.split_trainable(params, '.*')
   opt_state = tx.init((trainable, adapter_params))
-  state = state_lib.init_state(params, model_state, adapter_params, opt_state, seed, len(losses))
+  state = state_lib.init_state(params, model_state, adapter_params, opt_state, seed, len(losses),
+                               loss_args=objective_lib.loss_arguments(config_lib.phase(1, losses).losses))
   replicated = mesh_lib.replicated(mesh)
   objective, term_names = objective_lib.build_objective(config_lib.phase(1, losses).losses)
   teacher_def, teacher_vars = teacher if teacher is not None else (None, None)
@@ -144,7 +145,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
                metrics_template=steps.empty_metrics(spec, state, teacher_vars, (dataset.images, dataset.labels),
-                                                 batch_size),
+                                                    batch_size, replicated),
                eval_fn=steps.jit_eval_step(student_def, teacher_def, preprocess), state=state,
                teacher_vars=teacher_vars)
 
@@ -159,13 +160,18 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
+def _empty_like(template):
+  """A fresh empty accumulator placed like `template`."""
+  return jax.device_put(type(template).empty(), jax.tree.leaves(template)[0].sharding)
+
+
 def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, first: int, count: int,
                log_every: int):
   """`count` steps exactly as `kdjax.train` runs them: one dispatch of the fused program (gather, step, metric
   accumulation on the device) per step, the metrics read at each log step."""
   split = (dataset.images, dataset.labels)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
-  acc, order, order_epoch = type(phase.metrics_template).empty(), None, None
+  acc, order, order_epoch = _empty_like(phase.metrics_template), None, None
   for step in range(first, first + count):
     epoch, index = divmod(step, steps_per_epoch)
     if order_epoch != epoch:
@@ -173,7 +179,7 @@ def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size:
     state, acc = phase.steps_fn(state, phase.teacher_vars, split, order, index, acc)
     if (step + 1) % log_every == 0:
       jax.device_get(acc.compute())
-      acc = type(acc).empty()
+      acc = _empty_like(phase.metrics_template)
   return state, acc
 
 

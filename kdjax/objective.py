@@ -227,24 +227,44 @@ def _named_args(name, term_cfg):
   return {**args, 'name': name} if TERMS[term_cfg.kind].init_memory is not None else args
 
 
+def loss_arguments(losses_cfg) -> dict[str, dict[str, jax.Array]]:
+  """The phase's float loss arguments and term weights as float32 arrays: {term: {argument or 'weight': value}}.
+
+  They travel in the train state (`TrainState.loss_args`) instead of being baked into the compiled step as
+  constants, so runs that differ only in them (the alpha x temperature cells of a sweep, its seeds) compile to the
+  same XLA program, which JAX's persistent compilation cache then shares. Integer and string arguments (stages,
+  sizes, warm-up steps) shape the program and stay static.
+  """
+  return {name: {**{k: jnp.float32(v) for k, v in term_args(t).items() if isinstance(v, float)},
+                 'weight': jnp.float32(t.weight)}
+          for name, t in sorted(losses_cfg.items())}
+
+
 def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
   """One function computing the weighted sum of a phase's terms, each term's value, and the terms' new memory.
 
-  `objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None)` returns
-  `(total, values, memory)`; `memory`, `index` (the batch's example indices) and `key` are needed only by
-  stateful terms, whose memory comes back updated (the others' is passed through).
+  `objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None, loss_args=None)`
+  returns `(total, values, memory)`. `memory`, `index` (the batch's example indices) and `key` are needed only by
+  stateful terms, whose memory comes back updated (the others' is passed through). `loss_args` (see
+  `loss_arguments`) replaces the config's float arguments and weights by traced values; without it they are
+  constants.
   """
   terms = [(name, TERMS[t.kind], _named_args(name, t), float(t.weight)) for name, t in sorted(losses_cfg.items())]
 
-  def objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None):
-    values, memory = {}, dict(memory or {})
-    for position, (name, term, args, _) in enumerate(terms):
+  def objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None,
+                loss_args=None):
+    values, memory, total = {}, dict(memory or {}), 0.0
+    for position, (name, term, args, weight) in enumerate(terms):
+      if loss_args is not None:
+        traced = dict(loss_args[name])
+        weight = traced.pop('weight')
+        args = {**args, **traced}
       if term.init_memory is None:
         values[name] = term.compute(args, student_out, teacher_out, labels, adapters, step)
       else:
         values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, step,
                                                   memory[name], index, jax.random.fold_in(key, position))
-    total = sum(weight * values[name] for name, _, _, weight in terms)
+      total = total + weight * values[name]
     return total, values, memory
 
   return objective, tuple(name for name, *_ in terms)

@@ -21,6 +21,7 @@ class TrainState:
   model_state: nnx.State      # the student's other variables (BatchNorm statistics, RNG counters)
   adapter_params: nnx.State   # learned 1x1 adapters and embedding heads of feature losses (empty when none)
   memory: Any                 # stateful loss terms' memory by term name (CRD's embedding banks); {} when none
+  loss_args: Any              # the current phase's float loss arguments and weights (objective.loss_arguments)
   opt_state: Any              # the current phase's optimizer state, over the trainable leaves only
   rng: jax.Array              # base key; the step's key is fold_in(rng, step)
   nonfinite_updates: jax.Array    # how many updates were refused because loss or gradients were not finite
@@ -48,8 +49,9 @@ def merge(*trees: nnx.State) -> nnx.State:
 
 
 def init_state(student_params, model_state, adapter_params, opt_state, seed: int, num_terms: int,
-               memory=None) -> TrainState:
+               memory=None, loss_args=None) -> TrainState:
   return TrainState(step=jnp.int32(0), params=student_params, model_state=model_state,
-                    adapter_params=adapter_params, memory=memory or {}, opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)),
+                    adapter_params=adapter_params, memory=memory or {}, loss_args=loss_args or {},
+                    opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)),
                     nonfinite_updates=jnp.int32(0), first_nonfinite_step=jnp.int32(-1),
                     first_nonfinite_terms=jnp.zeros((num_terms,), bool))

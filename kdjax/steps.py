@@ -93,7 +93,8 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
     student_out = model(images, train=True)
     adapters = nnx.merge(spec.adapter_def, adapter_params)
     loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, state.step,
-                                         memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1))
+                                         memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1),
+                                         loss_args=state.loss_args or None)
     return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)), memory)
 
   (loss, (terms, logits, model_state, memory)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
@@ -153,14 +154,15 @@ def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state
   return state, metrics_lib.accumulate(acc, step_metrics)
 
 
-def empty_metrics(spec: PhaseStep, state, teacher_vars, split, batch_size: int):
-  """The zero of `train_program`'s metric accumulator (the step's metric collection, empty)."""
+def empty_metrics(spec: PhaseStep, state, teacher_vars, split, batch_size: int, sharding):
+  """The zero of `train_program`'s metric accumulator (the step's metric collection, empty), placed like the
+  program's output accumulator (`sharding`, replicated): an input placed otherwise would compile a second program."""
   images, labels = split
   batch = {'image': jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype),
            'label': jax.ShapeDtypeStruct((batch_size,), labels.dtype),
            'index': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   _, shapes = jax.eval_shape(functools.partial(train_step, spec), state, teacher_vars, batch)
-  return type(shapes).empty()
+  return jax.device_put(type(shapes).empty(), sharding)
 
 
 def jit_train_step(spec: PhaseStep, state_sharding):
@@ -170,7 +172,7 @@ def jit_train_step(spec: PhaseStep, state_sharding):
 
 def jit_train_program(spec: PhaseStep, batch_size: int, batch_sharding, state_sharding):
   return jax.jit(functools.partial(train_program, spec, batch_size, batch_sharding), donate_argnums=(0, 5),
-                 out_shardings=(state_sharding, None))
+                 out_shardings=(state_sharding, state_sharding))
 
 
 def jit_eval_step(student_def, teacher, preprocess):

@@ -138,12 +138,14 @@ class Run:
     trainable, _ = state_lib.split_trainable(source.params, self.phases[k].trainable)
     opt_state = tx.init((trainable, source.adapter_params))
     num_terms = len(self.phases[k].losses)
+    loss_args = objective_lib.loss_arguments(self.phases[k].losses)
     if base_state is None:
       state = state_lib.init_state(self.params, self.model_state, self.adapter_params, opt_state, self.cfg.seed,
                                    num_terms, objective_lib.init_memory(self.phases, self.data.train.num_examples,
-                                                                        self.cfg.seed + 3))
+                                                                        self.cfg.seed + 3), loss_args)
     else:
-      state = base_state.replace(opt_state=opt_state, first_nonfinite_terms=jnp.zeros((num_terms,), bool))
+      state = base_state.replace(opt_state=opt_state, loss_args=loss_args,
+                                 first_nonfinite_terms=jnp.zeros((num_terms,), bool))
     return tx, jax.device_put(state, self.replicated)
 
   def evaluate(self, state, dataset) -> dict[str, float]:
@@ -233,7 +235,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   split = (run.data.train.images, run.data.train.labels)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   step = first_step = int(jax.device_get(state.step))
-  acc = steps.empty_metrics(spec, state, run.train_teacher_arg, split, cfg.batch_size)
+  acc = steps.empty_metrics(spec, state, run.train_teacher_arg, split, cfg.batch_size, run.replicated)
   order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:
@@ -255,7 +257,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
       _check_finite(cfg, state, term_names, book.checkpoints)
       _write(book, step, 'train', jax.device_get(acc.compute()))
       if at_log:
-        acc = type(acc).empty()
+        acc = jax.device_put(type(acc).empty(), run.replicated)
     if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
       jax.block_until_ready(state.step)
       t_pause = time.time()

@@ -7,15 +7,21 @@ import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# main.py turns JAX's persistent compilation cache on; tests stay hermetic with it off unless a test turns it on.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = ''
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_configs', 'tiny.py')
 
 
 def run_main(*args, env=None, timeout=300, check=False):
-  """Run `python main.py ARGS` in a fresh process; returns the CompletedProcess (stdout+stderr text)."""
+  """Run `python main.py ARGS` in a fresh process; returns the CompletedProcess (stdout+stderr text).
+
+  `env` adds to this process's environment; a value of None removes that variable.
+  """
+  full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                        text=True, timeout=timeout, env=full_env)
   if check and proc.returncode != 0:
     raise AssertionError(f'main.py {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
   return proc
