@@ -7,6 +7,9 @@ caused it. Phases:
   teacher     the teacher model trained on labels (CE)
   student_ce  the student trained on labels (CE)
   student_kd  the student trained with Hinton KD: frozen teacher forward + student step
+  student_kd_cached  the same KD step with the teacher's logits looked up (`kdjax.teacher_cache`; not in the
+              default set: building the table costs one teacher forward pass per augmentation view, reported as
+              cache_build_s, and needs a finite-view --augment)
 For each: compile seconds of the train step, train images/s of the loop as `kdjax.train` runs it (the fused gather
 + step + metric program, metrics read at log steps), images/s of the bare step alone on pre-gathered batches, eval compile seconds and images/s, and memory (the runtime's peak where the backend reports it, else null; XLA's buffer plan always).
 
@@ -25,11 +28,12 @@ import jax  # noqa: E402
 from benchmarks import common  # noqa: E402
 from kdjax import mesh as mesh_lib  # noqa: E402
 
-PHASES = ('teacher', 'student_ce', 'student_kd')
+PHASES = ('teacher', 'student_ce', 'student_kd', 'student_kd_cached')
+DEFAULT_PHASES = PHASES[:3]
 COLUMNS = [('phase', 'phase'), ('model', 'model'), ('compile_s', 'compile s'), ('images_per_s', 'train img/s'),
            ('step_ms', 'step ms'), ('step_images_per_s', 'step-only img/s'), ('eval_compile_s', 'eval compile s'),
            ('eval_images_per_s', 'eval img/s'), ('peak_mib', 'peak MiB (runtime)'),
-           ('xla_peak_mib', 'peak MiB (XLA plan)')]
+           ('xla_peak_mib', 'peak MiB (XLA plan)'), ('cache_build_s', 'cache build s')]
 
 
 def parse_args(argv):
@@ -48,7 +52,8 @@ def parse_args(argv):
   parser.add_argument('--num-examples', type=int, default=10_000, help='resident examples (train and eval pass)')
   parser.add_argument('--augment', default='crop_flip', help='kdjax.data.augment.AUGMENTATIONS name')
   parser.add_argument('--kd', default='0.5:4', help='alpha:temperature of the Hinton KD phase')
-  parser.add_argument('--phases', default=','.join(PHASES), help='comma-separated subset of ' + ','.join(PHASES))
+  parser.add_argument('--phases', default=','.join(DEFAULT_PHASES),
+                      help='comma-separated subset of ' + ','.join(PHASES))
   parser.add_argument('--cache-dir', default='', help='kdjax decode cache for --dataset PATH')
   parser.add_argument('--json', default='', help='write the figures here')
   return parser.parse_args(argv)
@@ -69,11 +74,17 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   """Compile, time the training loop and the bare step, then compile and time one eval pass."""
   model_key, losses = common.phase_losses(common.parse_kd(args.kd))[name]
   model = args.teacher if model_key == 'teacher' else args.student
+  phase_teacher, cache_build_s = None, None
+  if name == 'student_kd':
+    phase_teacher = teacher
+  elif name == 'student_kd_cached':
+    phase_teacher, cache_build_s = common.cached_teacher(teacher, data['dataset'], args.augment, data['preprocess'],
+                                                         args.batch)
   phase = common.build_phase(
-      name, model, losses, teacher=teacher if name == 'student_kd' else None, num_classes=data['num_classes'],
+      name, model, losses, teacher=phase_teacher, num_classes=data['num_classes'],
       image_shape=data['image_shape'], preprocess=data['preprocess'], opt_cfg=common.peer_recipe(0.05),
       total_steps=args.warmup + 2 * args.steps + 1, dataset=data['dataset'], batch_size=args.batch,
-      mesh=data['mesh'])
+      mesh=data['mesh'], eval_teacher=teacher if phase_teacher is not None else None)
   dataset = data['dataset']
   order = dataset.epoch_order(0, 0)
   batches = [dataset.train_batch(order, i, args.batch) for i in range(min(4, dataset.steps_per_epoch(args.batch)))]
@@ -81,12 +92,12 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   state, loop_s = common.time_train(phase, phase.state, dataset, args.batch, args.steps, args.warmup,
                                     args.log_every)
   state, step_s = common.time_step_only(train_step, state, phase.teacher_vars, batches, args.steps, 1)
-  eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state, phase.teacher_vars,
+  eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state, phase.eval_teacher_vars,
                                                    next(dataset.eval_batches(args.eval_batch)))
-  common.eval_pass(eval_step, state, phase.teacher_vars, dataset, args.eval_batch)  # warm-up pass
-  eval_s = common.eval_pass(eval_step, state, phase.teacher_vars, dataset, args.eval_batch)
+  common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)  # warm-up pass
+  eval_s = common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)
   memory = common.compiled_memory(train_step)
-  return dict(phase=name, model=model, compile_s=compile_s, images_per_s=args.steps * args.batch / loop_s,
+  return dict(phase=name, model=model, compile_s=compile_s, cache_build_s=cache_build_s, images_per_s=args.steps * args.batch / loop_s,
               step_ms=1000 * loop_s / args.steps, step_images_per_s=args.steps * args.batch / step_s,
               eval_compile_s=eval_compile_s, eval_images_per_s=dataset.num_examples / eval_s,
               peak_bytes=common.peak_device_bytes(), peak_mib=common.mib(common.peak_device_bytes()),
@@ -113,7 +124,7 @@ def main(argv=None) -> dict:
   check_args(args)
   data = load_data(args)
   teacher = None
-  if 'student_kd' in args.phases:
+  if {'student_kd', 'student_kd_cached'} & set(args.phases):
     teacher = common.frozen_teacher(args.teacher, num_classes=data['num_classes'], image_shape=data['image_shape'],
                                     dtype=common.dtype_of(args.dtype), mesh=data['mesh'])
   rows = [measure_phase(name, args, data, teacher) for name in args.phases]

@@ -29,9 +29,11 @@ from kdjax import optim
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
+from kdjax import teacher_cache
 from kdjax.data import augment
 from kdjax.data import loader
 from kdjax.data import sources
+from kdjax.errors import UserError
 from kdjax.models import create_model
 from kdjax.train import DTYPES
 
@@ -53,11 +55,13 @@ def parse_kd(spec: str) -> tuple[float, float]:
 
 
 def phase_losses(kd: tuple[float, float]) -> dict[str, tuple[str, dict]]:
-  """Each benchmarked phase: (which model trains, its loss terms). The KD phase adds the frozen teacher."""
+  """Each benchmarked phase: (which model trains, its loss terms). The KD phases add the frozen teacher (run, or
+  looked up in its output cache)."""
   alpha, temperature = kd
   ce = {'ce': config_lib.loss_term('ce')}
   hinton = {'kd': config_lib.loss_term('hinton_kd', alpha=alpha, temperature=temperature)}
-  return {'teacher': ('teacher', ce), 'student_ce': ('student', ce), 'student_kd': ('student', hinton)}
+  return {'teacher': ('teacher', ce), 'student_ce': ('student', ce), 'student_kd': ('student', hinton),
+          'student_kd_cached': ('student', hinton)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +102,8 @@ class Phase:
   metrics_template: Any  # an empty accumulator of steps_fn: each loop starts from a fresh copy (they are donated)
   eval_fn: Any          # jax.jit of steps.eval_step
   state: state_lib.TrainState
-  teacher_vars: Any     # None without a teacher
+  teacher_vars: Any     # the train step's teacher argument (variables, or a cached table); None without a teacher
+  eval_teacher_vars: Any  # the eval step's teacher variables; None without a teacher
 
 
 def make_preprocess(images: np.ndarray, dtype, augment_name: str = 'crop_flip') -> steps.Preprocess:
@@ -122,10 +127,29 @@ def frozen_teacher(name: str, *, num_classes: int, image_shape, dtype, mesh) -> 
   return steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
 
 
+def cached_teacher(teacher: tuple, dataset: loader.ResidentDataset, augment_name: str,
+                   preprocess: steps.Preprocess, batch_size: int) -> tuple[tuple, float]:
+  """((CachedTeacher, its table on the devices), seconds to build the table), as `teacher.cache=True` runs do."""
+  try:
+    pipeline = teacher_cache.check_cacheable(augment_name, [])
+  except UserError as error:
+    raise SystemExit(f'student_kd_cached: {error}')
+  t0 = time.perf_counter()
+  table = teacher_cache.build_table(*teacher, dataset, pipeline, preprocess, batch_size)
+  table = jax.device_put(table, mesh_lib.replicated(dataset.mesh))
+  jax.block_until_ready(table)
+  return (teacher_cache.CachedTeacher(pipeline.sample), table), time.perf_counter() - t0
+
+
 def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | None, num_classes: int,
                 image_shape, preprocess: steps.Preprocess, opt_cfg, total_steps: int,
-                dataset: loader.ResidentDataset, batch_size: int, mesh, seed: int = 0) -> Phase:
-  """A phase's state and jitted steps, in the order `train_and_evaluate` makes them."""
+                dataset: loader.ResidentDataset, batch_size: int, mesh, seed: int = 0,
+                eval_teacher: tuple | None = None) -> Phase:
+  """A phase's state and jitted steps, in the order `train_and_evaluate` makes them.
+
+  `teacher` is what the train step uses, (Teacher, variables) or (CachedTeacher, table); evaluation runs the real
+  teacher, `eval_teacher` (default: `teacher`), as training does.
+  """
   student = build_model(model_name, num_classes=num_classes, image_shape=image_shape, dtype=preprocess.dtype,
                         seed=seed)
   adapters = objective_lib.Adapters({}, rngs=nnx.Rngs(seed + 2), dtype=preprocess.dtype)
@@ -139,6 +163,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   replicated = mesh_lib.replicated(mesh)
   objective, term_names = objective_lib.build_objective(config_lib.phase(1, losses).losses)
   teacher_def, teacher_vars = teacher if teacher is not None else (None, None)
+  eval_def, eval_vars = eval_teacher or teacher or (None, None)
   spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher_def, objective=objective,
                          term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess)
   state = jax.device_put(state, replicated)
@@ -146,8 +171,8 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
                metrics_template=steps.empty_metrics(spec, state, teacher_vars, (dataset.images, dataset.labels),
                                                     batch_size, replicated),
-               eval_fn=steps.jit_eval_step(student_def, teacher_def, preprocess), state=state,
-               teacher_vars=teacher_vars)
+               eval_fn=steps.jit_eval_step(student_def, eval_def, preprocess), state=state,
+               teacher_vars=teacher_vars, eval_teacher_vars=eval_vars)
 
 
 # ---------------------------------------------------------------------------------------------------------------

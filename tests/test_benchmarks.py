@@ -57,6 +57,16 @@ def test_bench_steps_reports_every_phase(tmp_path):
     assert row['peak_bytes'] is None or _positive(row['peak_bytes'])  # None where the backend reports nothing (CPU)
 
 
+def test_bench_steps_times_the_cached_kd_step(tmp_path):
+  report = bench_steps.main([*TINY_MODELS, '--image-size', '16', '--batch', '16', '--steps', '2', '--warmup', '1',
+                             '--num-examples', '32', '--augment', 'flip', '--phases', 'student_kd_cached'])
+  row = report['phases']['student_kd_cached']
+  assert _positive(row['cache_build_s']) and _positive(row['images_per_s']) and _positive(row['eval_images_per_s'])
+  with pytest.raises(SystemExit, match='teacher.cache needs an augmentation with a finite set of views'):
+    bench_steps.main([*TINY_MODELS, '--image-size', '16', '--batch', '16', '--steps', '1', '--warmup', '1',
+                      '--num-examples', '32', '--augment', 'random_resized_crop', '--phases', 'student_kd_cached'])
+
+
 def test_bench_steps_reads_a_dataset_path(tiny_archive, tmp_path):
   report = bench_steps.main([*TINY_MODELS, '--image-size', '0', '--batch', '16', '--steps', '1', '--warmup', '1',
                              '--dataset', tiny_archive, '--cache-dir', str(tmp_path / 'cache'),
