@@ -42,6 +42,9 @@ class Term:
   # Stateful terms: (args, num_examples, key) -> the term's memory; compute then takes (..., memory, index, key)
   # and returns (value, new memory).
   init_memory: Callable[..., dict] | None = None
+  # Terms with learned heads of their own (instead of an adapter): (name, args, student channels, teacher
+  # channels) -> {adapter key: (in, out)}.
+  heads: Callable[..., dict[str, tuple[int, int]]] | None = None
 
 
 def _global_pool(x):
@@ -100,6 +103,12 @@ def _crd(a, s, t, y, ad, step, memory, index, key):
   return value, new_memory
 
 
+def _crd_head_shapes(name, a, student_channels, teacher_channels):
+  """Two embedding heads, one per side, into the same `embed_dim` space."""
+  student_head, teacher_head = _crd_heads(name)
+  return {student_head: (student_channels, a['embed_dim']), teacher_head: (teacher_channels, a['embed_dim'])}
+
+
 def _crd_memory(a, num_examples, key):
   """Both banks start as random unit rows (the reference implementation starts from uniform noise)."""
   student_key, teacher_key = jax.random.split(key)
@@ -130,7 +139,7 @@ TERMS: dict[str, Term] = {
     # Contrastive representation distillation, with its memory banks in the train state (see `_crd`).
     'crd': Term(compute=_crd, defaults=dict(student_stage=-1, teacher_stage=-1, embed_dim=128, negatives=4096,
                                             nce_t=0.07, momentum=0.5),
-                needs_teacher=True, uses_features=True, init_memory=_crd_memory,
+                needs_teacher=True, uses_features=True, init_memory=_crd_memory, heads=_crd_head_shapes,
                 checks=dict(embed_dim=_positive('embed_dim'), negatives=_positive('negatives'),
                             nce_t=_positive('nce_t'), momentum=_unit_interval('momentum'))),
 }
@@ -192,9 +201,8 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
       args = term_args(term_cfg)
       c_in = _stage(student_channels, args['student_stage'], 'student')
       c_out = _stage(teacher_channels, args['teacher_stage'], 'teacher')
-      if term_cfg.kind == 'crd':  # two embedding heads, one per side, into the same space
-        student_head, teacher_head = _crd_heads(name)
-        shapes[student_head], shapes[teacher_head] = (c_in, args['embed_dim']), (c_out, args['embed_dim'])
+      if TERMS[term_cfg.kind].heads is not None:
+        shapes.update(TERMS[term_cfg.kind].heads(name, args, c_in, c_out))
       elif args['adapter'] == 'always' or (args['adapter'] == 'auto' and c_in != c_out):
         shapes[adapter_key(args)] = (c_in, c_out)
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
