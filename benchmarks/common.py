@@ -185,18 +185,14 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
-def _empty_like(template):
-  """A fresh empty accumulator placed like `template`."""
-  return jax.device_put(type(template).empty(), jax.tree.leaves(template)[0].sharding)
-
-
 def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, first: int, count: int,
                log_every: int):
   """`count` steps exactly as `kdjax.train` runs them: one dispatch of the fused program (gather, step, metric
   accumulation on the device) per step, the metrics read at each log step."""
   split = (dataset.images, dataset.labels)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
-  acc, order, order_epoch = _empty_like(phase.metrics_template), None, None
+  replicated = mesh_lib.replicated(dataset.mesh)
+  acc, order, order_epoch = metrics_lib.empty_like(phase.metrics_template, replicated), None, None
   for step in range(first, first + count):
     epoch, index = divmod(step, steps_per_epoch)
     if order_epoch != epoch:
@@ -204,7 +200,7 @@ def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size:
     state, acc = phase.steps_fn(state, phase.teacher_vars, split, order, index, acc)
     if (step + 1) % log_every == 0:
       jax.device_get(acc.compute())
-      acc = _empty_like(phase.metrics_template)
+      acc = metrics_lib.empty_like(phase.metrics_template, replicated)
   return state, acc
 
 

@@ -34,6 +34,12 @@ def classification_outputs(logits, labels, teacher_logits=None) -> dict[str, jax
   return outputs
 
 
+def empty_like(collection, sharding):
+  """An empty collection of `collection`'s type placed with `sharding`: a jitted loop's accumulator must be placed
+  like the program's output accumulator, or the program compiles a second time for it."""
+  return jax.device_put(type(collection).empty(), sharding)
+
+
 def accumulate(total, new):
   """total.merge(new) in total's dtypes (a loop carrying the accumulator must keep its types fixed)."""
   return jax.tree.map(lambda merged, old: merged.astype(old.dtype), total.merge(new), total)

@@ -155,14 +155,14 @@ def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state
 
 
 def empty_metrics(spec: PhaseStep, state, teacher_vars, split, batch_size: int, sharding):
-  """The zero of `train_program`'s metric accumulator (the step's metric collection, empty), placed like the
-  program's output accumulator (`sharding`, replicated): an input placed otherwise would compile a second program."""
+  """The zero of `train_program`'s metric accumulator (the step's metric collection, empty), placed with
+  `sharding` (replicated, like the program's output accumulator)."""
   images, labels = split
   batch = {'image': jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype),
            'label': jax.ShapeDtypeStruct((batch_size,), labels.dtype),
            'index': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   _, shapes = jax.eval_shape(functools.partial(train_step, spec), state, teacher_vars, batch)
-  return jax.device_put(type(shapes).empty(), sharding)
+  return metrics_lib.empty_like(shapes, sharding)
 
 
 def jit_train_step(spec: PhaseStep, state_sharding):

@@ -257,7 +257,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
       _check_finite(cfg, state, term_names, book.checkpoints)
       _write(book, step, 'train', jax.device_get(acc.compute()))
       if at_log:
-        acc = jax.device_put(type(acc).empty(), run.replicated)
+        acc = metrics_lib.empty_like(acc, run.replicated)
     if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
       jax.block_until_ready(state.step)
       t_pause = time.time()
