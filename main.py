@@ -18,9 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs'
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
                                '(default: workdirs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'],
-                          'train (or resume) the config; eval: accuracy of the run\'s best checkpoint on '
-                          'data.eval_split; predict: classes of --images; export: write WORKDIR/export.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'predict', 'export'],
+                          'train (or resume) the config; check: validate it and exit (no data read, nothing '
+                          'trained); eval: accuracy of the run\'s best checkpoint on data.eval_split; predict: '
+                          'classes of --images; export: write WORKDIR/export.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for --mode=predict.')
 
 
@@ -98,6 +99,15 @@ def _train(cfg, workdir):
   return suites.run(cfg, workdir)
 
 
+def _check(cfg, workdir):
+  """Validate the config as training would, before any data is read: a typo costs seconds, not a GPU slot."""
+  import jax
+  from kdjax import config as config_lib
+  config_lib.validate(cfg, jax.device_count())
+  return dict(workdir=workdir, suite=cfg.suite, student=cfg.student.name, schedule=list(cfg.schedule),
+              dataset=cfg.data.dataset)
+
+
 def _eval(cfg, workdir):
   from kdjax import export
   from kdjax.data import load_split
@@ -121,7 +131,7 @@ def _export(cfg, workdir):
   return dict(export=export.export_run(workdir))
 
 
-MODES = {'train': _train, 'eval': _eval, 'predict': _predict, 'export': _export}
+MODES = {'train': _train, 'check': _check, 'eval': _eval, 'predict': _predict, 'export': _export}
 
 
 if __name__ == '__main__':

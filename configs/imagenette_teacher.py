@@ -42,4 +42,5 @@ def get_config(arg=''):
                            optimizer('sgd', learning_rate=0.8, momentum=0.9, nesterov=True, weight_decay=5e-5,
                                      schedule='onecycle'))
   cfg.eval_every_epochs = 5.0
+  cfg.target_top1 = 0.92       # summary.json: train_s_to_target / epochs_to_target
   return cfg

@@ -5,6 +5,7 @@ a key that is not in it is a typo, and we say which valid key is closest. `valid
 phase schedule, the loss terms' arguments) before any data is loaded, so a bad config fails in a second, not after
 the dataset is decoded.
 """
+import copy
 import difflib
 from typing import Any, Callable, Iterable
 
@@ -96,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.phases = ml_collections.ConfigDict(dict(
       train=phase(10, {'ce': loss_term('ce')})))
   cfg.eval_every_epochs = 1.0
+  cfg.target_top1 = 0.0        # > 0: summary.json reports the training seconds and epochs to this eval top-1
   cfg.log_every_steps = 50
   cfg.checkpoint_every_steps = 0  # 0 = checkpoint at every evaluation and at the end of each phase
   cfg.keep_checkpoints = 2
@@ -103,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.repeats = ml_collections.ConfigDict(dict(seeds=(0, 1, 2)))   # suites 'repeats' and 'sweep'
   # suite 'sweep': axes as 'dotted.key=v1,v2;other.key=v3,v4' (values parsed as Python literals), crossed with
   # repeats.seeds; e.g. 'phases.train.losses.kd.alpha=0.1,0.5;phases.train.losses.kd.temperature=1,4'.
-  cfg.sweep = ml_collections.ConfigDict(dict(grid=''))
+  # best_cell_seeds: extra seeds on which the winning cell is rerun afterwards, e.g. (1, 2) with repeats.seeds=(0,).
+  cfg.sweep = ml_collections.ConfigDict(dict(grid='', best_cell_seeds=()))
   return cfg
 
 
@@ -117,6 +120,21 @@ _CHOICES = {
     'data.on_corrupt': lambda: ('error', 'skip'),
     'data.augment': lambda: __import__('kdjax.data.augment', fromlist=['AUGMENTATIONS']).AUGMENTATIONS,
 }
+
+
+def single_run(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """One run of a suite: a copy with `suite='single'`, the suite-only keys (`repeats`, `sweep`) at their defaults,
+  and `overrides` set. Resetting those keys keeps a run's recorded config independent of the suite around it, so
+  adding seeds or cells to a finished suite reuses its runs instead of refusing their workdirs."""
+  child = copy.deepcopy(cfg)
+  defaults = base_config()
+  with child.unlocked():
+    child.suite = 'single'
+    child.repeats = defaults.repeats
+    child.sweep = defaults.sweep
+    for key, value in overrides.items():
+      child[key] = value
+  return child
 
 
 def flat_keys(cfg: Any, prefix: str = '') -> list[str]:
@@ -197,6 +215,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'batch_size': (_at_least(1), '>= 1'),
     'eval_batch_size': (_at_least(1), '>= 1'),
     'eval_every_epochs': (_at_least(0, strict=True), '> 0'),
+    'target_top1': (lambda v: 0 <= v <= 1, 'in [0, 1] (0 = none)'),
     'log_every_steps': (_at_least(1), '>= 1'),
     'checkpoint_every_steps': (_at_least(0), '>= 0'),
     'keep_checkpoints': (_at_least(1), '>= 1'),

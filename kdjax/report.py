@@ -75,6 +75,18 @@ class History:
     points = [(row['step'], row[key]) for row in self.rows if key in row]
     return [p[0] for p in points], [p[1] for p in points]
 
+  def first_reaching(self, key: str, target: float) -> dict | None:
+    """All scalars logged at the first step where `key` >= target (e.g. 'time/train_s' at the first eval top-1
+    >= 0.94), or None if it never got there."""
+    step = next((row['step'] for row in self.rows if row.get(key, -float('inf')) >= target), None)
+    if step is None:
+      return None
+    merged = {}
+    for row in self.rows:
+      if row['step'] == step:
+        merged.update(row)
+    return merged
+
   def plot(self) -> list[str]:
     """accuracy.png (train/eval top-1, top-5, teacher agreement) and loss.png in the workdir; [] without matplotlib."""
     try:

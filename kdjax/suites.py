@@ -15,15 +15,6 @@ from kdjax import sweep
 from kdjax import train
 
 
-def _child(cfg, **overrides) -> ml_collections.ConfigDict:
-  child = copy.deepcopy(cfg)
-  with child.unlocked():
-    child.suite = 'single'
-    for key, value in overrides.items():
-      child[key] = value
-  return child
-
-
 def run_single(cfg, workdir):
   return train.train_and_evaluate(cfg, workdir)
 
@@ -33,15 +24,15 @@ def kd_comparison_configs(cfg, workdir) -> dict[str, ml_collections.ConfigDict]:
   ce_only = ml_collections.ConfigDict({'ce': config_lib.loss_term('ce')})
   first = cfg.phases[cfg.schedule[0]]
   teacher_phase = config_lib.phase(cfg.teacher.epochs, ce_only, copy.deepcopy(first.optimizer))
-  teacher_cfg = _child(cfg, schedule=('train',), phases=ml_collections.ConfigDict({'train': teacher_phase}))
+  teacher_cfg = config_lib.single_run(cfg, schedule=('train',), phases=ml_collections.ConfigDict({'train': teacher_phase}))
   with teacher_cfg.unlocked():
     teacher_cfg.student = ml_collections.ConfigDict({'name': cfg.teacher.name})
     teacher_cfg.teacher.workdir = ''
-  ce_cfg = _child(cfg)
+  ce_cfg = config_lib.single_run(cfg)
   for name in ce_cfg.schedule:
     ce_cfg.phases[name].losses = copy.deepcopy(ce_only)
   ce_cfg.teacher.workdir = ''
-  kd_cfg = _child(cfg)
+  kd_cfg = config_lib.single_run(cfg)
   kd_cfg.teacher.workdir = os.path.join(workdir, 'teacher')
   return {'teacher': teacher_cfg, 'student_ce': ce_cfg, 'student_kd': kd_cfg}
 
@@ -63,7 +54,7 @@ def run_kd_comparison(cfg, workdir):
 def run_repeats(cfg, workdir):
   rows = []
   for seed in cfg.repeats.seeds:
-    child = _child(cfg, seed=int(seed))
+    child = config_lib.single_run(cfg, seed=int(seed))
     child_dir = os.path.join(workdir, f'seed_{seed}')
     summary = sweep.finished_summary(child, child_dir) or train.train_and_evaluate(child, child_dir)
     rows.append(dict(name=f'seed_{seed}', **summary))

@@ -5,13 +5,13 @@ exists for the same config is not run again, and an unfinished one resumes from 
 picks up where it stopped.
 """
 import ast
-import copy
 import itertools
 import json
 import os
 
 from absl import logging
 
+from kdjax import config as config_lib
 from kdjax import report
 from kdjax.errors import UserError
 
@@ -29,8 +29,7 @@ def parse_grid(spec: str, cfg) -> list[tuple[str, list]]:
     node = cfg
     for part in key.strip().split('.'):
       if not hasattr(node, 'keys') or part not in node:
-        from kdjax.config import unknown_key_error
-        raise unknown_key_error(key.strip(), cfg)
+        raise config_lib.unknown_key_error(key.strip(), cfg)
       node = node[part]
     axes.append((key.strip(), [_literal(v.strip()) for v in values.split(',')]))
   return axes
@@ -56,23 +55,43 @@ def cell_name(assignment: dict) -> str:
 
 
 def run_sweep(cfg, workdir: str, run_one) -> dict:
-  """Run every (cell, seed) with `run_one(child_cfg, child_workdir) -> summary`; write results.{md,json,csv}."""
+  """Run every (cell, seed) with `run_one(child_cfg, child_workdir) -> summary`; write results.{md,json,csv}.
+
+  With `sweep.best_cell_seeds`, the cell that wins on `repeats.seeds` is then rerun on those extra seeds: picking
+  the best of many cells on few seeds flatters the winner, and the extra seeds' mean is an estimate free of that
+  selection (reported separately as well as pooled into the cell's row).
+  """
   axes = parse_grid(cfg.sweep.grid, cfg)
   cells = []
   for values in itertools.product(*(v for _, v in axes)):
     assignment = dict(zip((k for k, _ in axes), values))
-    summaries = []
-    for seed in cfg.repeats.seeds:
-      child = copy.deepcopy(cfg)
-      with child.unlocked():
-        child.suite = 'single'
-        child.seed = int(seed)
-        for key, value in assignment.items():
-          _set(child, key, value)
-      child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
-      summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
-    cells.append(dict(cell=cell_name(assignment), assignment=assignment, runs=summaries))
+    cells.append(dict(cell=cell_name(assignment), assignment=assignment,
+                      runs=_run_cell(cfg, workdir, assignment, cfg.repeats.seeds, run_one)))
+  extra = [s for s in cfg.sweep.best_cell_seeds if s not in cfg.repeats.seeds]
+  if extra:
+    winner = cells[best_cell_index(cells)]
+    logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
+    winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
+    winner['runs'] = winner['runs'] + winner['confirmation']
   return write_sweep_results(workdir, cells)
+
+
+def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]:
+  summaries = []
+  for seed in seeds:
+    child = config_lib.single_run(cfg, seed=int(seed))
+    with child.unlocked():
+      for key, value in assignment.items():
+        _set(child, key, value)
+    child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
+    summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
+  return summaries
+
+
+def best_cell_index(cells: list[dict]) -> int:
+  """The cell with the highest mean best eval top-1 over its runs (the first one on a tie)."""
+  means = [report.mean_std([r['best_eval_top1'] for r in cell['runs']])[0] for cell in cells]
+  return max(range(len(cells)), key=lambda i: means[i])
 
 
 def finished_summary(child, child_dir):
@@ -97,14 +116,23 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     last = report.mean_std([r['eval_top1'] for r in cell['runs']])
     rows.append(dict(cell=cell['cell'], seeds=len(cell['runs']), best_mean=best[0], best_std=best[1],
                      last_mean=last[0], last_std=last[1], **{k.split('.')[-1]: v for k, v in cell['assignment'].items()}))
-  winner = max(range(len(rows)), key=lambda i: rows[i]['best_mean'])
+  winner = best_cell_index(cells)
   lines = ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
   for i, row in enumerate(rows):
     mark = ' **(best)**' if i == winner else ''
     lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
                  f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
+  results = dict(cells=rows, best_cell=rows[winner]['cell'], runs={c['cell']: c['runs'] for c in cells})
+  confirmed = next((c for c in cells if c.get('confirmation')), None)
+  if confirmed:
+    best = report.mean_std([r['best_eval_top1'] for r in confirmed['confirmation']])
+    last = report.mean_std([r['eval_top1'] for r in confirmed['confirmation']])
+    results['confirmation'] = dict(cell=confirmed['cell'], seeds=len(confirmed['confirmation']), best_mean=best[0],
+                                   best_std=best[1], last_mean=last[0], last_std=last[1])
+    lines += ['', f'{confirmed["cell"]} won on the grid\'s seeds; on {len(confirmed["confirmation"])} further '
+              f'seed(s) alone it reached best {report.pct(best[0])} ± {report.pct(best[1])} %, last '
+              f'{report.pct(last[0])} ± {report.pct(last[1])} % (free of the selection among cells).']
   markdown = '\n'.join(lines) + '\n'
-  report.save_results(workdir, markdown, dict(cells=rows, best_cell=rows[winner]['cell'],
-                                             runs={c['cell']: c['runs'] for c in cells}), csv_rows=rows)
+  report.save_results(workdir, markdown, results, csv_rows=rows)
   print(markdown, flush=True)
   return dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])

@@ -36,7 +36,7 @@ from kdjax.models import create_model
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Keys that may change between invocations on one workdir without making it a different experiment.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size',
-                     'data.cache_dir', 'data.data_dir', 'nonfinite', 'teacher.cache')
+                     'data.cache_dir', 'data.data_dir', 'nonfinite', 'teacher.cache', 'target_top1')
 
 
 class NonFiniteError(UserError):
@@ -261,6 +261,8 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
     if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
       jax.block_until_ready(state.step)
       t_pause = time.time()
+      if at_eval:  # the training clock (compile, evaluation and checkpoints excluded) for time-to-accuracy
+        _write(book, step, 'time', {'train_s': book.train_s + t_pause - t_steady - paused_s})
       _evaluate_and_save(run, k, step, state, book, at_eval)
       paused_s += time.time() - t_pause
   jax.block_until_ready(state.step)
@@ -328,6 +330,10 @@ def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
                  train_images_per_s=round(book.train_images / book.train_s, 1) if book.train_s else None)
   if 'agreement' in last_eval:
     summary['eval_agreement'] = last_eval['agreement']
+  if cfg.target_top1:
+    reached = book.history.first_reaching('eval/top1', cfg.target_top1)
+    summary.update(target_top1=cfg.target_top1, train_s_to_target=reached and reached.get('time/train_s'),
+                   epochs_to_target=reached and round(reached['step'] / run.plan.steps_per_epoch, 3))
   if run.data.heldout is not None:
     summary['heldout_top1'] = run.evaluate(state, run.data.heldout)['top1']
   book.writer.flush()

@@ -41,3 +41,14 @@ def test_workdir_of_another_experiment_is_refused(tmp_path, teacher_workdir):
   proc = run_main('--config', f'{TINY}:ce', '--workdir', teacher_workdir)
   assert proc.returncode == 2
   assert 'holds a different experiment' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_check_mode_validates_without_training(tmp_path):
+  """`--mode=check` refuses what training would refuse, and on a valid config writes nothing and exits 0."""
+  workdir = tmp_path / 'w'
+  bad = run_main('--config', f'{TINY}:kd', '--workdir', str(workdir), '--mode=check',
+                 '--config.teacher.workdir=/t', '--config.phases.train.losses.kd.alpha=1.5')
+  assert bad.returncode == 2 and '`alpha` must be in [0, 1]' in bad.stderr.strip().splitlines()[-1]
+  good = run_main('--config', f'{TINY}:kd', '--workdir', str(workdir), '--mode=check',
+                  '--config.teacher.workdir=/not/yet/trained', check=True)
+  assert '"check": {"workdir": ' in good.stdout and not workdir.exists()

@@ -82,10 +82,77 @@ def test_run_writes_history_and_curves(tmp_path):
   from kdjax import train
   from tests.tiny_configs import tiny
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  cfg = tiny.get_config('ce')
+  cfg.target_top1 = 0.2
+  summary = train.train_and_evaluate(cfg, workdir)
   history = report.History(workdir, upto_step=10**9)
   steps, top1 = history.series('eval/top1')
   assert steps == [22, 44, 66, 88] and all(0 <= v <= 1 for v in top1)
+  # Time to accuracy: the training clock at each evaluation grows, and the summary reads it at the first
+  # evaluation that reached the target.
+  clock_steps, clock = history.series('time/train_s')
+  assert clock_steps == steps and all(0 < a < b for a, b in zip(clock, clock[1:]))
+  first = next(i for i, v in enumerate(top1) if v >= 0.2)
+  assert summary['train_s_to_target'] == clock[first] and summary['epochs_to_target'] == steps[first] / 22
+  assert history.first_reaching('eval/top1', 1.01) is None
   assert history.series('train/loss')[0]
   for name in ('accuracy.png', 'loss.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
+
+
+class FakeRuns:
+  """`run_one` for sweep/repeats tests without training: top-1 = alpha + seed/100, and the files a finished run
+  leaves (config.json, summary.json), so that a second sweep can recognise it."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, child, child_dir):
+    self.calls.append((child_dir, child.seed))
+    alpha = child.phases.train.losses.kd.alpha
+    summary = dict(best_eval_top1=alpha + child.seed / 100, eval_top1=alpha + child.seed / 200)
+    os.makedirs(child_dir, exist_ok=True)
+    with open(os.path.join(child_dir, 'config.json'), 'w') as f:
+      f.write(child.to_json_best_effort())
+    with open(os.path.join(child_dir, 'summary.json'), 'w') as f:
+      json.dump(summary, f)
+    return summary
+
+
+def _grid_config(seeds, best_cell_seeds=()):
+  from tests.tiny_configs import tiny
+  cfg = tiny.get_config('kd')
+  cfg.suite = 'sweep'
+  cfg.teacher.workdir = '/t'
+  cfg.repeats.seeds = seeds
+  cfg.sweep.grid = 'phases.train.losses.kd.alpha=0.3,0.7,0.5'
+  cfg.sweep.best_cell_seeds = best_cell_seeds
+  return cfg
+
+
+def test_sweep_reruns_the_best_cell_on_extra_seeds(tmp_path):
+  from kdjax import sweep
+  runs = FakeRuns()
+  sweep.run_sweep(_grid_config((0,), (1, 2)), str(tmp_path), runs)
+  assert [os.path.basename(os.path.dirname(d)) for d, _ in runs.calls] == [
+      'alpha=0.3', 'alpha=0.7', 'alpha=0.5', 'alpha=0.7', 'alpha=0.7']
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['best_cell'] == 'alpha=0.7'
+  assert {r['cell']: r['seeds'] for r in results['cells']} == {'alpha=0.3': 1, 'alpha=0.7': 3, 'alpha=0.5': 1}
+  confirmation = results['confirmation']
+  assert confirmation['cell'] == 'alpha=0.7' and confirmation['seeds'] == 2
+  assert confirmation['best_mean'] == pytest.approx(0.715)      # mean of 0.71 and 0.72: seeds 1 and 2 alone
+  assert confirmation['best_std'] == pytest.approx(0.00707107)  # sample std of (0.71, 0.72)
+  assert 'on 2 further seed(s) alone it reached best 71.50 ± 0.71 %' in open(tmp_path / 'results.md').read()
+
+
+def test_extending_a_finished_suite_reuses_its_runs(tmp_path):
+  """Adding seeds to a sweep (or a repeats suite) runs only the new ones: a run's recorded config does not
+  include the suite's seed list or grid."""
+  from kdjax import sweep
+  runs = FakeRuns()
+  sweep.run_sweep(_grid_config((0,)), str(tmp_path), runs)
+  assert len(runs.calls) == 3
+  runs.calls.clear()
+  sweep.run_sweep(_grid_config((0, 1), (2,)), str(tmp_path), runs)
+  assert sorted(seed for _, seed in runs.calls) == [1, 1, 1, 2]
