@@ -258,12 +258,19 @@ def peak_device_bytes() -> int | None:
 
 
 def compiled_memory(compiled) -> dict[str, int | None]:
-  """XLA's per-device buffer plan of a compiled step (arguments, outputs, temporaries, peak); known on CPU too."""
+  """XLA's per-device buffer plan of a compiled step: arguments, temporaries, and their total.
+
+  The total is arguments + outputs - donated (aliased) + temporaries: what the step needs resident at once. It is
+  computed rather than read from `peak_memory_in_bytes`, which the CPU backend reports as the arguments alone
+  (measured with JAX 0.10.2: the same figure at batch 16, 64 and 256 while the temporaries grew 16-fold).
+  """
   analysis = compiled.memory_analysis()
   if analysis is None:
     return {'argument_bytes': None, 'temp_bytes': None, 'peak_bytes': None}
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+           + analysis.temp_size_in_bytes)
   return {'argument_bytes': int(analysis.argument_size_in_bytes), 'temp_bytes': int(analysis.temp_size_in_bytes),
-          'peak_bytes': int(getattr(analysis, 'peak_memory_in_bytes', 0)) or None}
+          'peak_bytes': int(total)}
 
 
 def cost(compiled) -> dict[str, float]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import bench_steps, roofline, side_by_side
+from benchmarks import bench_steps, max_batch, roofline, side_by_side
 
 TINY_MODELS = ['--teacher', 'cnn3', '--student', 'cnn2', '--dtype', 'float32']
 ENVIRONMENT_KEYS = {'device_kind', 'platform', 'device_count', 'jax_version', 'date', 'command', 'settings'}
@@ -141,7 +141,93 @@ def test_scripts_run_by_path():
   """`python benchmarks/NAME.py --help` works without installing kdjax (the GPU machine runs them this way)."""
   import subprocess
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for name in ('bench_steps', 'roofline', 'side_by_side'):
+  for name in ('bench_steps', 'roofline', 'side_by_side', 'max_batch'):
     proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', f'{name}.py'), '--help'],
                           capture_output=True, text=True, cwd='/', timeout=60)
     assert proc.returncode == 0 and 'usage' in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('limit, guess, tolerance', [
+    (1000, 64, 0.0), (1000, 5000, 0.0), (1000, 1000, 0.05), (1003, 8, 0.05), (8, 512, 0.0), (4096, 4096, 0.0)])
+def test_largest_fitting_brackets_the_limit(limit, guess, tolerance):
+  found = max_batch.largest_fitting(lambda b: b <= limit, guess, multiple=8, ceiling=4096, tolerance=tolerance)
+  batch, first_failing = found['batch'], found['first_failing']
+  assert batch % 8 == 0 and batch <= limit
+  assert dict(found['probes'])[batch] is True
+  if limit >= 4096:
+    assert batch == 4096 and first_failing is None
+  else:
+    assert first_failing > limit and dict(found['probes'])[first_failing] is False
+    assert first_failing - batch <= max(8, tolerance * batch)
+  if tolerance == 0:
+    assert batch == limit - limit % 8
+  assert len(found['probes']) <= 20
+
+
+def test_largest_fitting_reports_zero_when_nothing_fits():
+  found = max_batch.largest_fitting(lambda b: False, 256, multiple=8, ceiling=1024, tolerance=0.05)
+  assert found['batch'] == 0 and found['first_failing'] == 8
+
+
+def test_max_batch_kdjax_side_finds_where_the_xla_plan_crosses_the_limit(tmp_path):
+  """With a limit between the plans at the 2 line batches, the answer lies between them; every probe's verdict is
+  the plan against the limit (checked again here by compiling at the answer and at the first failing batch)."""
+  out = tmp_path / 'max_batch.json'
+  args = [*TINY_MODELS, '--image-size', '16', '--num-examples', '512', '--sides', 'kdjax', '--line-batches', '2,4',
+          '--multiple', '1', '--tolerance', '0']
+  probe = max_batch.main([*args, '--memory-limit-mib', '1e6'])['sides']['kdjax']
+  line = probe['plan_line']
+  assert line['per_example_mib'] > 0 and probe['batch'] == 512 and probe['first_failing'] is None
+  limit = line['fixed_mib'] + line['per_example_mib'] * 100.5  # between the plans at global batches 96 and 104
+  row = max_batch.main([*args, '--memory-limit-mib', str(limit), '--json', str(out)])['sides']['kdjax']
+  assert row['probe'] == 'plan' and row['batch'] % 8 == 0 and row['first_failing'] - row['batch'] == 8
+  assert 80 <= row['batch'] <= 112 and row['predicted'] in range(96, 105)
+  report = _read(out)
+  assert ENVIRONMENT_KEYS <= set(report) and report['sides']['kdjax']['batch'] == row['batch']
+
+
+FAKE_PEER_MODULE = textwrap.dedent('''\
+    """Stands in for torch_kd_peer.py's kd_loss, augment, MEAN and STD (the max_batch peer probe imports them)."""
+    import torch
+    import torch.nn.functional as F
+    MEAN = torch.full((1, 3, 1, 1), 127.0)
+    STD = torch.full((1, 3, 1, 1), 64.0)
+    def augment(x):
+      return x.flip(3)
+    def kd_loss(s, t, y, alpha, temp):
+      soft = F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction='batchmean') * temp * temp
+      return (1 - alpha) * F.cross_entropy(s, y) + alpha * soft
+    ''')
+
+
+def test_max_batch_peer_side_runs_the_peer_step_on_twins(tmp_path):
+  """On a CPU nothing runs out of memory, so the search ends at --max-batch; this checks that the child process
+  builds the twins, runs the peer's step and reports back."""
+  pytest.importorskip('torch')
+  peer = tmp_path / 'peer.py'
+  peer.write_text(FAKE_PEER_MODULE)
+  report = max_batch.main(['--sides', 'peer', '--peer', str(peer), '--force-peer', '--peer-device', 'cpu',
+                           '--peer-no-compile', '--teacher', 'resnet18', '--student', 'resnet34_small',
+                           '--image-size', '32', '--num-examples', '16', '--max-batch', '16', '--peer-start', '8'])
+  row = report['sides']['peer']
+  assert row['status'] == 'ran', row['status']
+  assert row['batch'] == 16 and row['first_failing'] is None and row['probes'] == 2
+
+
+def test_max_batch_says_why_the_peer_is_skipped(tmp_path):
+  row = max_batch.main(['--sides', 'peer', '--peer', str(tmp_path / 'missing.py')])['sides']['peer']
+  assert row['status'].startswith('skipped') and 'not found' in row['status']
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet34', 'resnet34_medium', 'resnet34_small', 'plain34_smallest'])
+def test_torch_twins_match_kdjax_parameter_counts(name):
+  pytest.importorskip('torch')
+  import jax
+  from flax import nnx
+  from benchmarks import torch_twins
+  from kdjax.models import create_model
+  twin = torch_twins.resnet_twin(name, 10)
+  model = create_model(name, num_classes=10, image_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+  kdjax_count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert sum(p.numel() for p in twin.parameters()) == kdjax_count
+  assert twin(__import__('torch').zeros(2, 3, 32, 32)).shape == (2, 10)

@@ -1,0 +1,48 @@
+"""The one-call GPU plans (`benchmarks/device_session.py`): the runner's deadline, failures and dependencies, and
+that every step of every plan would start (flags parse, configs validate) -- checked here, where it costs nothing,
+instead of on the GPU's 15 minutes."""
+import json
+import sys
+
+import pytest
+
+from benchmarks import device_session
+
+
+def _python(code: str) -> list[str]:
+  return [sys.executable, '-c', code]
+
+
+def test_runner_keeps_going_past_failures_and_respects_budget_and_needs(tmp_path):
+  result = tmp_path / 'result.json'
+  steps = [
+      device_session.Step('ok', _python(f'import json; json.dump({{"top1": 0.9}}, open({str(result)!r}, "w"))'), 30,
+                          [str(result)]),
+      device_session.Step('fails', _python('raise SystemExit(3)'), 30),
+      device_session.Step('slow', _python('import time; time.sleep(30)'), 1.5),
+      device_session.Step('after_failure', _python('print(1)'), 30, needs=('fails',)),
+      device_session.Step('after_ok', _python('print("ran")'), 30, needs=('ok',)),
+  ]
+  records = device_session.run_plan(steps, str(tmp_path / 'out'), budget_s=60, min_step_s=1)
+  status = {r['step']: r['status'] for r in records}
+  assert status == {'ok': 'ok', 'fails': 'failed (exit 3)', 'slow': 'timed out after 2 s',
+                    'after_failure': 'skipped: fails did not finish', 'after_ok': 'ok'}
+  assert records[0]['results'] == {str(result): {'top1': 0.9}}
+  saved = json.load(open(tmp_path / 'out' / 'session.json'))
+  assert [r['status'] for r in saved] == [r['status'] for r in records]
+  assert 'ran' in open(tmp_path / 'out' / 'session.log').read()
+  assert '| slow | timed out after 2 s |' in open(tmp_path / 'out' / 'session.md').read()
+
+
+def test_runner_skips_what_the_deadline_leaves_no_time_for(tmp_path):
+  steps = [device_session.Step('first', _python('import time; time.sleep(1.2)'), 30),
+           device_session.Step('second', _python('print(1)'), 30)]
+  records = device_session.run_plan(steps, str(tmp_path), budget_s=1.5, min_step_s=1)
+  assert records[1]['status'] == 'skipped: no time left'
+
+
+@pytest.mark.parametrize('plan', sorted(device_session.PLANS))
+def test_every_plan_step_would_start(plan):
+  args = device_session.parse_args([plan])
+  rows = device_session.check(device_session.PLANS[plan](args))
+  assert rows and all(row['ok'] for row in rows), rows
