@@ -128,14 +128,9 @@ def main(argv=None) -> dict:
     teacher = common.frozen_teacher(args.teacher, num_classes=data['num_classes'], image_shape=data['image_shape'],
                                     dtype=common.dtype_of(args.dtype), mesh=data['mesh'])
   rows = [measure_phase(name, args, data, teacher) for name in args.phases]
-  report = dict(common.environment('bench_steps', argv), benchmark='bench_steps', settings=vars(args),
-                num_examples=data['dataset'].num_examples, image_shape=list(data['image_shape']),
-                phases={row['phase']: row for row in rows})
-  print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {args.dtype}, "
-        f"batch {args.batch}, {report['image_shape'][0]} px, {args.dataset}\n")
-  print(common.markdown_table(rows, COLUMNS))
-  common.write_json(args.json, report)
-  return report
+  return common.publish('bench_steps', argv, args, f'{args.dtype}, batch {args.batch}, {data["image_shape"][0]} px, '
+                        f'{args.dataset}', rows, COLUMNS, num_examples=data['dataset'].num_examples,
+                        image_shape=list(data['image_shape']), phases={row['phase']: row for row in rows})
 
 
 if __name__ == '__main__':

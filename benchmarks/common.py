@@ -318,6 +318,17 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
   return '\n'.join(lines)
 
 
+def publish(script: str, argv: list[str] | None, args, title: str, rows: list[dict],
+            columns: list[tuple[str, str]], **fields) -> dict:
+  """A script's report: its environment, settings and `fields`; printed as a title line and the rows' table, and
+  written to `args.json` (if set). Returned for the caller (and the tests)."""
+  report = dict(environment(script, argv), benchmark=script, settings=vars(args), **fields)
+  print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {title}\n")
+  print(markdown_table(rows, columns))
+  write_json(args.json, report)
+  return report
+
+
 def write_json(path: str, payload: dict) -> None:
   if not path:
     return

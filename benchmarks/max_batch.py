@@ -316,14 +316,10 @@ def main(argv=None) -> dict:
     row.update(teacher=args.teacher, student=args.student, image_size=args.image_size)
     row['probe_log'] = row.pop('probes', [])
     row['probes'] = len(row['probe_log'])
-  report = dict(common.environment('max_batch', argv), benchmark='max_batch', settings=vars(args),
-                xla_python_client_mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'),
-                sides={row['side']: row for row in rows})
-  print(f"\n{report['device_kind']} x{report['device_count']}, {args.dtype}, {args.teacher} -> {args.student}, "
-        f"{args.image_size} px, {args.num_examples} resident examples\n")
-  print(common.markdown_table(rows, COLUMNS))
-  common.write_json(args.json, report)
-  return report
+  title = (f'{args.dtype}, {args.teacher} -> {args.student}, {args.image_size} px, {args.num_examples} resident '
+           'examples')
+  return common.publish('max_batch', argv, args, title, rows, COLUMNS, sides={row['side']: row for row in rows},
+                        xla_python_client_mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))
 
 
 if __name__ == '__main__':

@@ -227,14 +227,10 @@ def main(argv=None) -> dict:
   root = os.path.join(root, time.strftime('%Y%m%d-%H%M%S'))
   kdjax = run_kdjax(args, root)  # JAX starts only now, after the peer has given the GPU back
   rows = compare(kdjax, peer['records'])
-  report = dict(common.environment('side_by_side', argv), benchmark='side_by_side', settings=vars(args),
-                workdir=root, peer=peer, kdjax=kdjax, phases={row['phase']: row for row in rows})
-  print(f"\n{report['device_kind']} x{report['device_count']}, jax {report['jax_version']}, {args.data}, "
-        f"batch {args.batch}, epochs {args.epochs_teacher:g}/{args.epochs_student:g}, kd {args.kd}; "
-        f"peer: {peer['status']}{' (' + skip + ')' if skip else ''}\n")
-  print(common.markdown_table(rows, COLUMNS))
-  common.write_json(args.json, report)
-  return report
+  title = (f"{args.data}, batch {args.batch}, epochs {args.epochs_teacher:g}/{args.epochs_student:g}, kd {args.kd}; "
+           f"peer: {peer['status']}{' (' + skip + ')' if skip else ''}")
+  return common.publish('side_by_side', argv, args, title, rows, COLUMNS, workdir=root, peer=peer, kdjax=kdjax,
+                        phases={row['phase']: row for row in rows})
 
 
 if __name__ == '__main__':
