@@ -9,8 +9,9 @@ small batches (`--line-batches`) predict where it crosses the device's memory li
 each probe compiles the fused KD train program (`kdjax.steps.train_program`: gather, augmentation, teacher forward,
 student step, metrics) at that batch and runs two steps; an allocation failure (RESOURCE_EXHAUSTED) means "does not
 fit". JAX takes 75% of a GPU's memory unless told otherwise: run it with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 to give
-it what the peer's allocator can take (the report records the setting). Where the backend reports no memory limit (CPU) or `--memory-limit-mib` is given, a probe instead compares XLA's
-plan with that limit (`--probe plan`): host memory is not device memory, and the tests can use a small limit.
+it what the peer's allocator can take (the report records the setting). Where the backend reports no memory limit
+(CPU) or `--memory-limit-mib` is given, a probe instead compares XLA's plan with that limit (`--probe plan`): host
+memory is not device memory, and the tests can use a small limit.
 
 The peer (a subprocess, run first so that JAX does not yet hold the GPU): the peer script's own `kd_loss` and
 `augment`, bf16 autocast, channels_last, `torch.compile`, SGD with Nesterov momentum, the training set resident on

@@ -24,7 +24,8 @@ def kd_comparison_configs(cfg, workdir) -> dict[str, ml_collections.ConfigDict]:
   ce_only = ml_collections.ConfigDict({'ce': config_lib.loss_term('ce')})
   first = cfg.phases[cfg.schedule[0]]
   teacher_phase = config_lib.phase(cfg.teacher.epochs, ce_only, copy.deepcopy(first.optimizer))
-  teacher_cfg = config_lib.single_run(cfg, schedule=('train',), phases=ml_collections.ConfigDict({'train': teacher_phase}))
+  teacher_cfg = config_lib.single_run(cfg, schedule=('train',),
+                                      phases=ml_collections.ConfigDict({'train': teacher_phase}))
   with teacher_cfg.unlocked():
     teacher_cfg.student = ml_collections.ConfigDict({'name': cfg.teacher.name})
     teacher_cfg.teacher.workdir = ''

@@ -9,7 +9,8 @@ from kdjax import config as config_lib
 from tests.conftest import ROOT
 
 ARGS = {
-    'default.py': [None], 'cifar10_teacher.py': [None, 'smoke'], 'cifar10_student.py': [None, 'smoke'],
+    'default.py': [None], 'cifar10_teacher.py': [None, 'smoke', 'resnet20_cpu'],
+    'cifar10_student.py': [None, 'smoke'], 'cifar10_stagewise.py': ['', 'repeats', 'ce,repeats', 'finetune'],
     'cifar10_kd.py': [None, 'smoke'], 'cifar10_kd_grid.py': [None], 'cifar10_vgg19_kd.py': ['teacher', '5', '20'],
     'cifar10_adam_kd.py': [None], 'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10', 'crd'],
     'mnist_kd.py': ['teacher_vgg16', 'teacher_resnet164', 'mlp_from_vgg16', 'cnn3_from_resnet164',
