@@ -91,6 +91,7 @@ def largest_fitting(fits, guess: int, multiple: int, ceiling: int, tolerance: fl
   def probe(batch):
     ok = bool(fits(batch))
     probes.append((batch, ok))
+    print(f'batch {batch}: {"fits" if ok else "does not fit"}', flush=True)  # a run cut short still shows the bracket
     return ok
 
   def snap(value):
@@ -254,6 +255,8 @@ def peer_child(args) -> dict:
         idx = torch.randperm(args.num_examples, device=device)[:batch]
         xb = peer.augment(images[idx])
         xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+        if not args.peer_no_compile:  # one compiled graph for every batch size, not a recompile per probe
+          torch._dynamo.mark_dynamic(xb, 0)
         with torch.autocast(device, torch.bfloat16):
           out = student(xb)
           with torch.no_grad():
