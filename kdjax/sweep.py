@@ -72,7 +72,6 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
     winner = cells[best_cell_index(cells)]
     logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
     winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
-    winner['runs'] = winner['runs'] + winner['confirmation']
   return write_sweep_results(workdir, cells)
 
 
@@ -89,7 +88,8 @@ def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]
 
 
 def best_cell_index(cells: list[dict]) -> int:
-  """The cell with the highest mean best eval top-1 over its runs (the first one on a tie)."""
+  """The cell with the highest mean best eval top-1 over its grid runs (the first one on a tie): the choice made
+  on the grid's seeds, which confirmation runs then test rather than change."""
   means = [report.mean_std([r['best_eval_top1'] for r in cell['runs']])[0] for cell in cells]
   return max(range(len(cells)), key=lambda i: means[i])
 
@@ -112,9 +112,10 @@ def finished_summary(child, child_dir):
 def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
   rows = []
   for cell in cells:
-    best = report.mean_std([r['best_eval_top1'] for r in cell['runs']])
-    last = report.mean_std([r['eval_top1'] for r in cell['runs']])
-    rows.append(dict(cell=cell['cell'], seeds=len(cell['runs']), best_mean=best[0], best_std=best[1],
+    runs = cell['runs'] + cell.get('confirmation', [])  # a row pools every seed the cell ran on
+    best = report.mean_std([r['best_eval_top1'] for r in runs])
+    last = report.mean_std([r['eval_top1'] for r in runs])
+    rows.append(dict(cell=cell['cell'], seeds=len(runs), best_mean=best[0], best_std=best[1],
                      last_mean=last[0], last_std=last[1], **{k.split('.')[-1]: v for k, v in cell['assignment'].items()}))
   winner = best_cell_index(cells)
   lines = ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
@@ -122,7 +123,8 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     mark = ' **(best)**' if i == winner else ''
     lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
                  f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
-  results = dict(cells=rows, best_cell=rows[winner]['cell'], runs={c['cell']: c['runs'] for c in cells})
+  results = dict(cells=rows, best_cell=rows[winner]['cell'],
+                 runs={c['cell']: c['runs'] + c.get('confirmation', []) for c in cells})
   confirmed = next((c for c in cells if c.get('confirmation')), None)
   if confirmed:
     best = report.mean_std([r['best_eval_top1'] for r in confirmed['confirmation']])

@@ -104,13 +104,14 @@ class FakeRuns:
   """`run_one` for sweep/repeats tests without training: top-1 = alpha + seed/100, and the files a finished run
   leaves (config.json, summary.json), so that a second sweep can recognise it."""
 
-  def __init__(self):
+  def __init__(self, score=lambda alpha, seed: alpha + seed / 100):
     self.calls = []
+    self.score = score
 
   def __call__(self, child, child_dir):
     self.calls.append((child_dir, child.seed))
-    alpha = child.phases.train.losses.kd.alpha
-    summary = dict(best_eval_top1=alpha + child.seed / 100, eval_top1=alpha + child.seed / 200)
+    best = self.score(child.phases.train.losses.kd.alpha, child.seed)
+    summary = dict(best_eval_top1=best, eval_top1=best - child.seed / 200)
     os.makedirs(child_dir, exist_ok=True)
     with open(os.path.join(child_dir, 'config.json'), 'w') as f:
       f.write(child.to_json_best_effort())
@@ -156,3 +157,14 @@ def test_extending_a_finished_suite_reuses_its_runs(tmp_path):
   runs.calls.clear()
   sweep.run_sweep(_grid_config((0, 1), (2,)), str(tmp_path), runs)
   assert sorted(seed for _, seed in runs.calls) == [1, 1, 1, 2]
+
+
+def test_the_best_cell_is_the_grid_choice_even_when_its_confirmation_disappoints(tmp_path):
+  from kdjax import sweep
+  runs = FakeRuns(score=lambda alpha, seed: alpha if seed == 0 else 0.1)  # the winner collapses on seeds 1, 2
+  sweep.run_sweep(_grid_config((0,), (1, 2)), str(tmp_path), runs)
+  results = json.load(open(tmp_path / 'results.json'))
+  pooled = {r['cell']: r['best_mean'] for r in results['cells']}
+  assert pooled['alpha=0.7'] == pytest.approx(0.3) and pooled['alpha=0.7'] < pooled['alpha=0.5']  # (.7+.1+.1)/3
+  assert results['best_cell'] == 'alpha=0.7' and results['confirmation']['best_mean'] == pytest.approx(0.1)
+  assert len(results['runs']['alpha=0.7']) == 3
