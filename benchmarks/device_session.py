@@ -89,14 +89,15 @@ def plan_imagenette(args) -> list[Step]:
   teacher = os.path.join(RUNS, 'imagenette_teacher')
   return [
       Step('teacher', _main_py('--config', 'configs/imagenette_teacher.py', '--workdir', teacher, *data,
-                               f'--config.phases.train.epochs={args.teacher_epochs}'), 270,
+                               *([f'--config.phases.train.epochs={args.teacher_epochs}'] if args.teacher_epochs
+                                 else [])), 200,
            [os.path.join(teacher, 'summary.json')]),
       Step('student_data_only', _main_py('--config', 'configs/imagenette_student.py:repeats', '--workdir',
                                          os.path.join(RUNS, 'student'), *data), 120,
            [os.path.join(RUNS, 'student', 'results.md'), os.path.join(RUNS, 'student', 'results.json')]),
       Step('student_stagewise', _main_py('--config', 'configs/imagenette_stagewise.py:repeats', '--workdir',
                                          os.path.join(RUNS, 'stagewise'), *data,
-                                         f'--config.teacher.workdir={teacher}'), 150,
+                                         f'--config.teacher.workdir={teacher}'), 240,
            [os.path.join(RUNS, 'stagewise', 'results.md'), os.path.join(RUNS, 'stagewise', 'results.json')],
            needs=('teacher',)),
   ]
@@ -107,14 +108,14 @@ def plan_cifar10_kd(args) -> list[Step]:
   data = [f'--config.data.dataset={CIFAR10}']
   teacher = os.path.join(RUNS, 'cifar10_teacher')
   return [
-      Step('teacher', _main_py('--config', 'configs/cifar10_teacher.py', '--workdir', teacher, *data), 120,
+      Step('teacher', _main_py('--config', 'configs/cifar10_teacher.py', '--workdir', teacher, *data), 100,
            [os.path.join(teacher, 'summary.json')]),
       Step('student_ce', _main_py('--config', 'configs/cifar10_student.py', '--workdir',
                                   os.path.join(RUNS, 'student_ce'), *data, '--config.suite=repeats',
-                                  '--config.repeats.seeds=(0,1,2)'), 60,
+                                  '--config.repeats.seeds=(0,1,2)'), 50,
            [os.path.join(RUNS, 'student_ce', 'results.md'), os.path.join(RUNS, 'student_ce', 'results.json')]),
       Step('kd_grid', _main_py('--config', 'configs/cifar10_kd_grid.py', '--workdir', os.path.join(RUNS, 'grid'),
-                               *data, f'--config.teacher.workdir={teacher}', '--config.teacher.cache=True'), 330,
+                               *data, f'--config.teacher.workdir={teacher}', '--config.teacher.cache=True'), 410,
            [os.path.join(RUNS, 'grid', 'results.md'), os.path.join(RUNS, 'grid', 'results.json')],
            needs=('teacher',)),
   ]
@@ -256,7 +257,8 @@ def parse_args(argv):
   parser.add_argument('plan', choices=sorted(PLANS))
   parser.add_argument('--out', default=os.environ.get('OUT', ''), help='where the 3 session files go ($OUT)')
   parser.add_argument('--budget', type=float, default=560, help='seconds for all steps (a call may run 600)')
-  parser.add_argument('--teacher-epochs', type=float, default=60, help='imagenette: the teacher\'s epochs')
+  parser.add_argument('--teacher-epochs', type=float, default=0,
+                      help='imagenette: the teacher\'s epochs (0 = the config\'s, 80)')
   parser.add_argument('--prepare', action='store_true', help='fill carry/ here and print the device call')
   parser.add_argument('--check', action='store_true', help='check every step\'s flags and config here')
   return parser.parse_args(argv)
