@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from absl import logging
 
 from kdjax import state as state_lib
@@ -54,21 +55,40 @@ class Checkpoints:
         meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         restored = self.latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore()))
+        error = None
+      except Exception as failure:  # pylint: disable=broad-except
+        restored, error = None, failure
+      if _everywhere(error is None):
         return restored.state, restored.meta
-      except Exception as error:  # pylint: disable=broad-except
-        aside = os.path.join(self._workdir, 'corrupt_checkpoints', str(step))
-        logging.warning('checkpoint %d in %s cannot be restored (%s: %s); moved to %s, falling back to the '
-                        'previous one', step, self.latest.directory, type(error).__name__, error, aside)
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.replace(os.path.join(self.latest.directory, str(step)), aside)
-        self.latest.reload()
+      self._move_aside(step, error)
     return None
+
+  def _move_aside(self, step: int, error: Exception | None) -> None:
+    """Move checkpoint `step` to corrupt_checkpoints/: process 0 moves it, every process waits for the move and
+    reloads the step list, so that all of them fall back to the same previous checkpoint."""
+    aside = os.path.join(self._workdir, 'corrupt_checkpoints', str(step))
+    logging.warning('checkpoint %d in %s cannot be restored (%s); moved to %s, falling back to the previous one',
+                    step, self.latest.directory, f'{type(error).__name__}: {error}' if error else
+                    'another process failed to restore it', aside)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.latest.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'kdjax: checkpoint {step} moved aside')
+    self.latest.reload()
 
   def close(self) -> None:
     self.latest.wait_until_finished()
     self.best.wait_until_finished()
     self.latest.close()
     self.best.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """True when `ok` holds in every process (a checkpoint one process cannot read is unusable for all)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:

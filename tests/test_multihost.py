@@ -43,13 +43,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, log, devices, extra_env=None):
+def _start(workdir, log, devices, extra_env=None, args=()):
   """`main.py` on the tiny CE config in a fresh process with `devices` CPU devices; output to `log`."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          **(extra_env or {})}
   with open(log, 'w') as out:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:ce',
-                             '--workdir', workdir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+                             '--workdir', workdir, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _failing(proc, log) -> bool:
@@ -132,3 +132,36 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   printed = [_printed_summary(logs[f'process{i}']) for i in range(2)]
   assert printed[0]['eval_top1'] == printed[1]['eval_top1'] == summary_multi['eval_top1']
   assert len([f for f in os.listdir(multi) if f.startswith('events.out.tfevents')]) == 1
+
+
+def _two_processes(workdir, tmp_path, tag, args=()):
+  port = _free_port()
+  logs = {f'process{i}': str(tmp_path / f'{tag}{i}.log') for i in range(2)}
+  procs = {name: _start(workdir, logs[name], 1, {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+                                                 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': name[-1]}, args)
+           for name in logs}
+  _wait_all(procs, logs)
+  return logs
+
+
+def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
+  """Both processes fail to read the torn latest checkpoint; process 0 alone moves it aside, both wait for the
+  move, and both resume from the previous one, ending where the uninterrupted run ended."""
+  workdir = str(tmp_path / 'multi')
+  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10']
+  _two_processes(workdir, tmp_path, 'first', args)
+  reference = _final_variables(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  for root, _, files in os.walk(os.path.join(ckpt_dir, str(steps[-1]), 'state')):
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 3)
+  logs = _two_processes(workdir, tmp_path, 'second', args)
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))
+  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps)  # the end step was saved again
+  for name, log in logs.items():
+    assert f'checkpoint {steps[-1]} in' in open(log).read(), name
+  resumed = _final_variables(workdir)
+  for key in reference:
+    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
