@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, '..', 'shared')
 CARRY = 'carry'
 CARRY_LIMIT_MIB = 64
+TAIL_LINES = 15  # of each step's output in session.md: enough for a benchmark's table or a traceback's end
 WHEELS = os.path.join(CARRY, 'wheels-gpu')
 SITE = '/tmp/kdjax-site'
 CACHE = '/tmp/kdjax-cache'
@@ -223,19 +224,26 @@ def run_plan(steps: list[Step], out: str, budget_s: float, min_step_s: float = 2
       else:
         limit = min(step.budget_s, left)
         print(f'\n=== {step.name} (at most {limit:.0f} s): {record["command"]}', file=log, flush=True)
-        t0 = time.monotonic()
+        t0, start = time.monotonic(), log.tell()
         try:
           proc = subprocess.run(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
                                 env={**os.environ, **step.env})
           record.update(status='ok' if proc.returncode == 0 else f'failed (exit {proc.returncode})')
         except subprocess.TimeoutExpired:
           record.update(status=f'timed out after {limit:.0f} s')
-        record.update(wall_s=round(time.monotonic() - t0, 1))
+        record.update(wall_s=round(time.monotonic() - t0, 1), tail=_tail(log.name, start, TAIL_LINES))
       record['results'] = {path: read_result(path) for pattern in step.results for path in glob.glob(pattern)}
       records.append(record)
       write_session(out, records)
       print(f'{step.name}: {record["status"]} ({record.get("wall_s", 0)} s)', flush=True)
   return records
+
+
+def _tail(path: str, start: int, lines: int) -> str:
+  """The last `lines` lines a step wrote (its printed table, or its error), read back from the session log."""
+  with open(path, errors='replace') as f:
+    f.seek(start)
+    return '\n'.join(f.read().splitlines()[-lines:])
 
 
 def write_session(out: str, records: list[dict]) -> None:
@@ -244,6 +252,8 @@ def write_session(out: str, records: list[dict]) -> None:
   lines = ['| step | status | wall s |', '|---|---|---|']
   lines += [f'| {r["step"]} | {r["status"]} | {r.get("wall_s", "—")} |' for r in records]
   for record in records:
+    if record.get('tail'):
+      lines += ['', f'## {record["step"]}: last lines of its output', '', '```', record['tail'], '```']
     for path, content in record['results'].items():
       text = content if isinstance(content, str) else json.dumps(content, indent=1, default=str)
       if path.endswith('.md') or os.path.basename(path) == 'summary.json':  # the tables and run summaries

@@ -31,7 +31,9 @@ def test_runner_keeps_going_past_failures_and_respects_budget_and_needs(tmp_path
   saved = json.load(open(tmp_path / 'out' / 'session.json'))
   assert [r['status'] for r in saved] == [r['status'] for r in records]
   assert 'ran' in open(tmp_path / 'out' / 'session.log').read()
-  assert '| slow | timed out after 2 s |' in open(tmp_path / 'out' / 'session.md').read()
+  summary = open(tmp_path / 'out' / 'session.md').read()
+  assert '| slow | timed out after 2 s |' in summary
+  assert records[4]['tail'] == 'ran' and '## after_ok: last lines of its output' in summary
 
 
 def test_runner_skips_what_the_deadline_leaves_no_time_for(tmp_path):
