@@ -136,7 +136,8 @@ CARRIED = {
 
 def prepare(plan: str) -> dict:
   """Fill carry/ with the wheels and the plan's data; refuse if it would not travel (64 MiB); return the call."""
-  os.makedirs(WHEELS, exist_ok=True)
+  shutil.rmtree(WHEELS, ignore_errors=True)  # exactly the wheels wanted now, none left from an earlier list
+  os.makedirs(WHEELS)
   for wheel in glob.glob(os.path.join(SHARED, 'wheels-gpu', '*.whl')):
     if not os.path.basename(wheel).startswith(SKIPPED_WHEELS):
       shutil.copy2(wheel, WHEELS)
