@@ -129,6 +129,12 @@ def largest_fitting(fits, guess: int, multiple: int, ceiling: int, tolerance: fl
   return dict(batch=lo, first_failing=hi, probes=probes)
 
 
+def ceiling(args) -> int:
+  """The largest batch either side tries: --max-batch, at most the resident examples (one rule for both sides, so
+  that "fits up to the ceiling" means the same on each)."""
+  return min(args.max_batch or args.num_examples, args.num_examples)
+
+
 def parse_kd(spec: str) -> tuple[float, float]:
   alpha, temperature = (float(v) for v in spec.split(':'))
   return alpha, temperature
@@ -216,8 +222,7 @@ def kdjax_side(args) -> dict:
       release()
 
   t0 = time.perf_counter()
-  ceiling = min(args.max_batch or args.num_examples, args.num_examples)
-  found = largest_fitting(fits, max(multiple, predicted), multiple, ceiling, args.tolerance)
+  found = largest_fitting(fits, max(multiple, predicted), multiple, ceiling(args), args.tolerance)
   return dict(found, side='kdjax', probe=mode, predicted=predicted, limit_mib=limit / 2**20,
               plan_line=dict(fixed_mib=fixed / 2**20, per_example_mib=per_example / 2**20,
                              batches=[small, large], plan_mib=[plan_small / 2**20, plan_large / 2**20]),
@@ -277,8 +282,7 @@ def peer_child(args) -> dict:
         torch.cuda.empty_cache()
 
   t0 = time.perf_counter()
-  ceiling = min(args.max_batch or args.num_examples, args.num_examples)
-  found = largest_fitting(fits, args.peer_start, args.multiple, ceiling, args.tolerance)
+  found = largest_fitting(fits, args.peer_start, args.multiple, ceiling(args), args.tolerance)
   cuda = device == 'cuda'
   return dict(found, side='peer', probe='run', predicted=None, seconds=time.perf_counter() - t0, status='ran',
               limit_mib=torch.cuda.get_device_properties(0).total_memory / 2**20 if cuda else None,
