@@ -11,6 +11,19 @@ contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`). Not ye
 from kdjax.config import base_config, loss_term, optimizer, phase
 
 
+# The loss terms of each method of the benchmark recipe, by its published weights, given DKD's linear warm-up in
+# steps (20 of 240 epochs in the recipe). Shared with `cifar10_methods.py`, which runs the same methods at a CPU budget.
+METHOD_LOSSES = {
+    'ce': lambda warmup_steps: {'ce': loss_term('ce')},
+    'kd': lambda warmup_steps: {'ce': loss_term('ce', weight=0.1),
+                                'kd': loss_term('kd', weight=0.9, temperature=4.0)},
+    'dkd': lambda warmup_steps: {'ce': loss_term('ce'),
+                                 'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
+                                                  warmup_steps=warmup_steps)},
+    'crd': lambda warmup_steps: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)},
+}
+
+
 def get_config(arg='kd'):
   args = arg.split(',')
   cfg = base_config()
@@ -23,15 +36,7 @@ def get_config(arg='kd'):
   cfg.teacher.workdir = 'workdirs/cifar100_resnet32x4'
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=(150, 180, 210), decay_factor=0.1)
-  steps_per_epoch = 50_000 // 64
-  losses = {'ce': loss_term('ce')}
-  if 'kd' in args:
-    losses = {'ce': loss_term('ce', weight=0.1), 'kd': loss_term('kd', weight=0.9, temperature=4.0)}
-  elif 'dkd' in args:
-    losses = {'ce': loss_term('ce'), 'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
-                                                      warmup_steps=20 * steps_per_epoch)}
-  elif 'crd' in args:
-    losses = {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)}
-  cfg.phases.train = phase(240, losses, sgd)
+  method = next((a for a in args if a in METHOD_LOSSES), 'ce')
+  cfg.phases.train = phase(240, METHOD_LOSSES[method](20 * (50_000 // 64)), sgd)
   cfg.eval_every_epochs = 10.0
   return cfg
