@@ -21,16 +21,24 @@ def pct(value: float) -> str:
 
 
 def write_results(workdir: str, title: str, rows: list[dict]) -> str:
-  """`results.md` and `results.json` in workdir: one line per run, then mean ± std; returns the Markdown."""
-  best_mean, best_std = mean_std([r['best_eval_top1'] for r in rows])
-  last_mean, last_std = mean_std([r['eval_top1'] for r in rows])
-  lines = [f'# {title}', '', '| run | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|']
-  lines += [f'| {r["name"]} | {pct(r["best_eval_top1"])} | {pct(r["eval_top1"])} |' for r in rows]
-  lines += [f'| **mean ± std (n={len(rows)})** | **{pct(best_mean)} ± {pct(best_std)}** | '
-            f'**{pct(last_mean)} ± {pct(last_std)}** |', '']
+  """`results.md` and `results.json` in workdir: one line per run, then mean ± std; returns the Markdown.
+
+  Columns: best and last eval top-1, and the held-out top-1 (subset mode's accuracy on the rest of the training
+  split) when every run has one.
+  """
+  columns = [('best_eval_top1', 'best eval top-1 (%)', 'best_eval_top1'),
+             ('eval_top1', 'last eval top-1 (%)', 'last_eval_top1')]  # (summary key, header, results.json key)
+  if rows and all('heldout_top1' in r for r in rows):
+    columns.append(('heldout_top1', 'held-out top-1 (%)', 'heldout_top1'))
+  stats = {key: mean_std([r[key] for r in rows]) for key, *_ in columns}
+  lines = [f'# {title}', '', '| run | ' + ' | '.join(h for _, h, _ in columns) + ' |',
+           '|---' * (len(columns) + 1) + '|']
+  lines += [f'| {r["name"]} | ' + ' | '.join(pct(r[key]) for key, *_ in columns) + ' |' for r in rows]
+  lines += [f'| **mean ± std (n={len(rows)})** | ' +
+            ' | '.join(f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**' for key, *_ in columns) + ' |', '']
   markdown = '\n'.join(lines)
-  save_results(workdir, markdown, dict(title=title, runs=rows, best_eval_top1=dict(mean=best_mean, std=best_std),
-                                       last_eval_top1=dict(mean=last_mean, std=last_std)))
+  save_results(workdir, markdown, dict(title=title, runs=rows, **{
+      name: dict(mean=stats[key][0], std=stats[key][1]) for key, _, name in columns}))
   return markdown
 
 

@@ -29,6 +29,37 @@ def test_results_table(tmp_path):
   assert '**92.00 ± 2.83**' in markdown  # std of (90, 94) = 2.83
   data = json.load(open(tmp_path / 'results.json'))
   assert data['best_eval_top1']['mean'] == pytest.approx(0.92)
+  assert 'held-out' not in markdown and 'heldout_top1' not in data
+
+
+def test_results_table_has_the_held_out_column_in_subset_mode(tmp_path):
+  rows = [dict(name='seed_0', best_eval_top1=0.9, eval_top1=0.89, heldout_top1=0.80),
+          dict(name='seed_1', best_eval_top1=0.94, eval_top1=0.93, heldout_top1=0.86),
+          dict(name='seed_2', best_eval_top1=0.92, eval_top1=0.91, heldout_top1=0.83)]
+  markdown = report.write_results(str(tmp_path), 't', rows)
+  assert '| run | best eval top-1 (%) | last eval top-1 (%) | held-out top-1 (%) |' in markdown
+  assert '| seed_1 | 94.00 | 93.00 | 86.00 |' in markdown
+  assert '**83.00 ± 3.00**' in markdown  # held-out (80, 86, 83): mean 83, std sqrt((9 + 9 + 0) / 2) = 3
+  data = json.load(open(tmp_path / 'results.json'))
+  assert data['heldout_top1']['mean'] == pytest.approx(0.83)
+  assert data['heldout_top1']['std'] == pytest.approx(0.03)
+
+
+def test_repeats_in_subset_mode_report_the_held_out_rest_of_the_training_split(tmp_path):
+  from kdjax import suites
+  from tests.tiny_configs import tiny
+  cfg = tiny.get_config('ce')
+  cfg.suite, cfg.repeats.seeds = 'repeats', (0, 1)
+  cfg.data.train_split, cfg.data.heldout_split = 'train[:25%]', 'train[25%:]'
+  cfg.phases.train.epochs = 2.0
+  suites.run_repeats(cfg, str(tmp_path))
+  summaries = [json.load(open(tmp_path / f'seed_{seed}' / 'summary.json')) for seed in (0, 1)]
+  held_out = [s['heldout_top1'] for s in summaries]
+  assert all(0.0 < h <= 1.0 for h in held_out)
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['heldout_top1']['mean'] == pytest.approx(np.mean(held_out))
+  assert f'| seed_1 | {report.pct(summaries[1]["best_eval_top1"])} | {report.pct(summaries[1]["eval_top1"])} | ' \
+         f'{report.pct(held_out[1])} |' in open(tmp_path / 'results.md').read()
 
 
 def test_sweep_is_killed_and_resumed_without_redoing_finished_runs(tmp_path, teacher_workdir):
