@@ -136,7 +136,7 @@ def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', ro
 def _fill(variables, saved: dict[str, np.ndarray], where: str, keep_fresh: str, role: str):
   """Copy the saved parameters and BatchNorm statistics in; RNG state (dropout keys) keeps its fresh values."""
   fresh = state_lib.trainable_filter(keep_fresh) if keep_fresh else (lambda path, _: False)
-  flat = [(path, v) for path, v in variables.flat_state()
+  flat = [(path, v) for path, v in nnx.to_flat_state(variables)
           if isinstance(v, (nnx.Param, nnx.BatchStat)) and not fresh(path, v)]
   mismatches = []
   for path, variable in flat:

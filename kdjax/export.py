@@ -109,7 +109,7 @@ def export_run(workdir: str, out_dir: str | None = None) -> str:
   predictor = Predictor._from_run(workdir)
   out_dir = out_dir or os.path.join(workdir, 'export')
   os.makedirs(out_dir, exist_ok=True)
-  pure = nnx.state(predictor.model, (nnx.Param, nnx.BatchStat)).to_pure_dict()
+  pure = nnx.to_pure_dict(nnx.state(predictor.model, (nnx.Param, nnx.BatchStat)))
   with open(os.path.join(out_dir, 'params.msgpack'), 'wb') as f:
     f.write(serialization.msgpack_serialize(jax.device_get(pure)))
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:

@@ -141,7 +141,8 @@ def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
     by_phase[checkpoint_step_meta(workdir, step)['phase_name']] = step  # last checkpoint of each phase
   model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(params=0, dropout=1),
                        hidden=16, dropout=0.0)
-  initial = {state_lib.path_string(p): np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()}
+  initial = {state_lib.path_string(p): np.asarray(v.get_value())
+             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
   def params_at(step):
     raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
