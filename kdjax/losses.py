@@ -527,49 +527,57 @@ def pkt(student_emb, teacher_emb, *, eps: float = 1e-7) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _info_nce(anchor: jax.Array, positive: jax.Array, negatives: jax.Array, temperature: float) -> jax.Array:
-  """Mean over the batch of -log softmax([a.p, a.n_1, ..., a.n_K] / temperature)[0].
+def _info_nce(anchor: jax.Array, positive: jax.Array, negatives: jax.Array, temperature: float,
+              valid: jax.Array | None = None) -> jax.Array:
+  """Mean over the batch of -log softmax([a.p, a.n_1, ..., a.n_K] / temperature)[0], counting only the negatives
+  where `valid` (N, K) is True (all when None).
 
   Written as softplus(logsumexp((a.n_k - a.p) / temperature)), which is the same quantity but keeps its relative
   precision when the positive dominates and the loss is tiny (the log-softmax form rounds it to a multiple of 1e-7).
+  A row with no valid negative contributes 0.
   """
   pos = jnp.sum(anchor * positive, axis=-1, keepdims=True)  # (N, 1)
   neg = jnp.einsum('nd,nkd->nk', anchor, negatives)  # (N, K)
-  return jnp.mean(jax.nn.softplus(jax.nn.logsumexp((neg - pos) / temperature, axis=-1)))
+  return jnp.mean(jax.nn.softplus(jax.nn.logsumexp((neg - pos) / temperature, axis=-1, where=valid)))
 
 
 def crd_nce(
     student_emb,
     teacher_emb,
-    negative_student_emb,
-    negative_teacher_emb,
+    student_rows,
+    teacher_rows,
     *,
+    valid=None,
     nce_t: float = 0.07,
 ) -> jax.Array:
   """Contrastive Representation Distillation (Tian et al. 2020, "Contrastive Representation Distillation", ICLR).
 
   CRD maximises a lower bound on the mutual information between teacher and student representations: the
   student's embedding of an image must pick out the teacher's embedding of the *same* image among the teacher's
-  embeddings of K other images, and symmetrically. The paper estimates this with NCE against a memory bank of K
-  negatives per example; this uses the softmax (InfoNCE, van den Oord et al. 2018) form of the same contrast
-  instead, which needs no noise-distribution constant (the NCE one depends on the dataset size) and is better
-  conditioned with few negatives:
+  embeddings of K other images, and symmetrically. As in the paper's reference code, both the positive and the
+  negatives of an anchor come from the other side's memory bank (momentum-averaged embeddings of past epochs,
+  one row per training example): the anchor is the current embedding, its positive the bank's row of the same
+  example, its negatives the rows of K other examples. Taking the positive from the bank too matters: with a fresh
+  positive and stale negatives, both heads can lower the loss by drifting away from the bank (telling "now" from
+  "then" instead of "this image" from "that one"); the loss then climbs back as soon as the learning rate drops.
+  The paper estimates the contrast with NCE; this uses its softmax (InfoNCE, van den Oord et al. 2018) form, which
+  needs no noise-distribution constant (the NCE one depends on the dataset size):
 
-    L = InfoNCE(student anchor, teacher positive, teacher negatives)
-      + InfoNCE(teacher anchor, student positive, student negatives),
+    L = InfoNCE(student anchor, teacher rows) + InfoNCE(teacher anchor, student rows),
 
   each averaged over the batch with logits = cosine / nce_t. The two directions are summed (not averaged), so each
   side is contrasted against the other's memory bank with full weight.
 
-  Pure function: the caller gathers the negatives from the memory banks (see `update_memory`) and passes them in.
+  Pure function: the caller gathers the rows from the memory banks (see `update_memory`) and passes them in.
 
   Args:
-    student_emb: (N, D) projected student embeddings of the batch.
-    teacher_emb: (N, D) projected teacher embeddings of the batch.
-    negative_student_emb: (N, K, D) student-memory rows of K other examples per anchor (negatives for the
-      teacher anchors).
-    negative_teacher_emb: (N, K, D) teacher-memory rows of K other examples per anchor (negatives for the
-      student anchors).
+    student_emb: (N, D) projected student embeddings of the batch (the anchors contrasted with `teacher_rows`).
+    teacher_emb: (N, D) projected teacher embeddings of the batch (the anchors contrasted with `student_rows`).
+    student_rows: (N, 1 + K, D) student-bank rows per example: column 0 the example's own row (the teacher
+      anchor's positive), columns 1..K rows of K other examples (its negatives).
+    teacher_rows: (N, 1 + K, D) the same from the teacher bank, for the student anchors.
+    valid: optional (N, K) bool: which negatives count. The caller drops the example's own row and rows of its
+      class, as the reference implementation draws negatives from the other classes only.
     nce_t: softmax temperature.
 
   All inputs are expected to be L2-normalised already; they are normalised again here (a no-op for unit rows) so
@@ -580,17 +588,20 @@ def crd_nce(
   """
   s = l2_normalize(_f32(student_emb))
   t = l2_normalize(_f32(teacher_emb))
-  neg_s = l2_normalize(_f32(negative_student_emb))
-  neg_t = l2_normalize(_f32(negative_teacher_emb))
+  rows_s = l2_normalize(_f32(student_rows))
+  rows_t = l2_normalize(_f32(teacher_rows))
   if s.ndim != 2 or s.shape != t.shape:
     raise ValueError(
         f'crd_nce: student_emb shape {tuple(s.shape)} and teacher_emb shape {tuple(t.shape)} must both be '
         '(N, D); project both into the same embedding size first.')
   n, d = s.shape
-  for name, neg in (('negative_student_emb', neg_s), ('negative_teacher_emb', neg_t)):
-    if neg.ndim != 3 or neg.shape[0] != n or neg.shape[2] != d:
-      raise ValueError(f'crd_nce: {name} must have shape ({n}, K, {d}), got {tuple(neg.shape)}.')
-  return _info_nce(s, t, neg_t, nce_t) + _info_nce(t, s, neg_s, nce_t)
+  for name, rows in (('student_rows', rows_s), ('teacher_rows', rows_t)):
+    if rows.ndim != 3 or rows.shape[0] != n or rows.shape[1] < 2 or rows.shape[2] != d:
+      raise ValueError(f'crd_nce: {name} must have shape ({n}, 1 + K, {d}) with K >= 1, got {tuple(rows.shape)}.')
+  if valid is not None and tuple(valid.shape) != (n, rows_s.shape[1] - 1):
+    raise ValueError(f'crd_nce: valid must have shape ({n}, {rows_s.shape[1] - 1}), got {tuple(valid.shape)}.')
+  return (_info_nce(s, rows_t[:, 0], rows_t[:, 1:], nce_t, valid)
+          + _info_nce(t, rows_s[:, 0], rows_s[:, 1:], nce_t, valid))
 
 
 def update_memory(memory, indices, embeddings, *, momentum: float = 0.5) -> jax.Array:

@@ -91,15 +91,20 @@ def _crd_heads(name: str) -> tuple[str, str]:
 
 def _crd(a, s, t, y, ad, step, memory, index, key):
   """CRD (Tian et al. 2020): project both pooled feature maps to `embed_dim` with learned heads, contrast each
-  side's embedding against `negatives` random rows of the other side's memory bank, then write the batch's
-  embeddings into the banks (momentum update)."""
+  side's embedding with the other side's bank (its own example's row against `negatives` random rows of other
+  classes, see `losses.crd_nce`), then write the batch's embeddings and labels into the banks (momentum update)."""
   student_head, teacher_head = _crd_heads(a['name'])
   student = losses.l2_normalize(ad.maps[student_head](_global_pool(s[1][a['student_stage']])))
   teacher = losses.l2_normalize(ad.maps[teacher_head](_global_pool(t[1][a['teacher_stage']])))
-  rows = jax.random.randint(key, (student.shape[0], a['negatives']), 0, memory['student'].shape[0])
-  value = losses.crd_nce(student, teacher, memory['student'][rows], memory['teacher'][rows], nce_t=a['nce_t'])
+  others = jax.random.randint(key, (student.shape[0], a['negatives']), 0, memory['student'].shape[0])
+  rows = jnp.concatenate([index[:, None], others], axis=1)
+  # Rows not yet written have label -1, so in the first epoch only the example itself is left out.
+  valid = (others != index[:, None]) & (memory['labels'][others] != y[:, None])
+  value = losses.crd_nce(student, teacher, memory['student'][rows], memory['teacher'][rows], valid=valid,
+                         nce_t=a['nce_t'])
   new_memory = {'student': losses.update_memory(memory['student'], index, student, momentum=a['momentum']),
-                'teacher': losses.update_memory(memory['teacher'], index, teacher, momentum=a['momentum'])}
+                'teacher': losses.update_memory(memory['teacher'], index, teacher, momentum=a['momentum']),
+                'labels': memory['labels'].at[index].set(y.astype(memory['labels'].dtype))}
   return value, new_memory
 
 
@@ -110,10 +115,12 @@ def _crd_head_shapes(name, a, student_channels, teacher_channels):
 
 
 def _crd_memory(a, num_examples, key):
-  """Both banks start as random unit rows (the reference implementation starts from uniform noise)."""
+  """Both banks start as random unit rows (the reference implementation starts from uniform noise); `labels` holds
+  each row's class once the row has been written (-1 before), so negatives of the anchor's class can be left out."""
   student_key, teacher_key = jax.random.split(key)
   bank = lambda k: losses.l2_normalize(jax.random.normal(k, (num_examples, a['embed_dim']), jnp.float32))
-  return {'student': bank(student_key), 'teacher': bank(teacher_key)}
+  return {'student': bank(student_key), 'teacher': bank(teacher_key),
+          'labels': jnp.full((num_examples,), -1, jnp.int32)}
 
 
 _TEMPERATURE = dict(temperature=_positive('temperature'))

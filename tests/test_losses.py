@@ -457,37 +457,55 @@ def _unit(x):
 
 
 def test_crd_hand_case():
-  # One anchor, one negative, orthogonal: each direction is -log(e^{1/tau} / (e^{1/tau} + 1)) = log(1 + e^{-1/tau}).
+  # One anchor per side; its bank rows: the positive (column 0) equal to it, one orthogonal negative. Each
+  # direction is -log(e^{1/tau} / (e^{1/tau} + 1)) = log(1 + e^{-1/tau}).
   s = np.array([[1.0, 0.0]], np.float32)
   t = np.array([[1.0, 0.0]], np.float32)
-  neg = np.array([[[0.0, 1.0]]], np.float32)
-  np.testing.assert_allclose(L.crd_nce(s, t, neg, neg, nce_t=1.0), 2 * math.log1p(math.exp(-1.0)), rtol=1e-6)
-  np.testing.assert_allclose(L.crd_nce(s, t, neg, neg), 2 * math.log1p(math.exp(-1 / 0.07)), rtol=1e-4)
+  rows = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
+  np.testing.assert_allclose(L.crd_nce(s, t, rows, rows, nce_t=1.0), 2 * math.log1p(math.exp(-1.0)), rtol=1e-6)
+  np.testing.assert_allclose(L.crd_nce(s, t, rows, rows), 2 * math.log1p(math.exp(-1 / 0.07)), rtol=1e-4)
 
 
-def test_crd_matches_numpy_reference():
+def test_crd_matches_numpy_reference_with_masked_negatives():
   n, k, d, tau = 4, 6, 8, 0.1
   s, t = _unit(_normal(n, d, seed=30)), _unit(_normal(n, d, seed=31))
-  neg_s, neg_t = _unit(_normal(n, k, d, seed=32)), _unit(_normal(n, k, d, seed=33))
+  rows_s, rows_t = _unit(_normal(n, 1 + k, d, seed=32)), _unit(_normal(n, 1 + k, d, seed=33))
+  valid = np.random.default_rng(0).random((n, k)) < 0.6
+  valid[0] = False  # a row with no valid negative contributes 0
 
-  def nce(anchor, pos, negs):
+  def nce(anchor, rows):
     total = 0.0
     for i in range(n):
-      logits = np.concatenate([[anchor[i] @ pos[i]], negs[i] @ anchor[i]]) / tau
-      total += -_np_log_softmax(logits)[0]
+      candidates = np.concatenate([rows[i, :1], rows[i, 1:][valid[i]]])
+      total += -_np_log_softmax(candidates @ anchor[i] / tau)[0]
     return total / n
 
-  expected = nce(s, t, neg_t) + nce(t, s, neg_s)
-  np.testing.assert_allclose(L.crd_nce(s, t, neg_s, neg_t, nce_t=tau), expected, rtol=1e-5)
+  expected = nce(s, rows_t) + nce(t, rows_s)
+  np.testing.assert_allclose(losses.crd_nce(s, t, rows_s, rows_t, valid=valid, nce_t=tau), expected, rtol=1e-5)
+  np.testing.assert_allclose(losses.crd_nce(s, t, rows_s, rows_t, valid=np.ones((n, k), bool), nce_t=tau),
+                             L.crd_nce(s, t, rows_s, rows_t, nce_t=tau), rtol=1e-6)
 
 
-def test_crd_lower_when_positives_align():
+def test_crd_lower_when_anchors_align_with_their_bank_rows():
   n, k, d = 8, 16, 12
-  t = _unit(_normal(n, d, seed=34))
-  neg_s, neg_t = _unit(_normal(n, k, d, seed=35)), _unit(_normal(n, k, d, seed=36))
-  aligned = L.crd_nce(_unit(t + 0.05 * _normal(n, d, seed=37)), t, neg_s, neg_t)
-  random = L.crd_nce(_unit(_normal(n, d, seed=38)), t, neg_s, neg_t)
+  rows_s, rows_t = _unit(_normal(n, 1 + k, d, seed=35)), _unit(_normal(n, 1 + k, d, seed=36))
+  t = rows_s[:, 0]
+  aligned = L.crd_nce(_unit(rows_t[:, 0] + 0.05 * _normal(n, d, seed=37)), t, rows_s, rows_t)
+  random = L.crd_nce(_unit(_normal(n, d, seed=38)), t, rows_s, rows_t)
   assert float(aligned) < float(random)
+
+
+def test_crd_cannot_be_lowered_by_drifting_away_from_the_banks():
+  """Anchors that both move away from everything in the banks (the same new direction for student and teacher)
+  score chance, log(1 + K) per direction: the positive is a bank row, so agreeing with each other now is not
+  rewarded. With the positive taken from the other side's current embedding, this drift would score ~0."""
+  n, k, d, tau = 3, 2, 8, 0.07
+  eye = np.eye(d, dtype=np.float32)
+  rows = np.stack([eye[[i, (i + 1) % n, (i + 2) % n]] for i in range(n)])  # own row e_i, negatives: the others
+  aligned = L.crd_nce(eye[:n], eye[:n], rows, rows, nce_t=tau)
+  drifted = eye[n:2 * n]  # orthogonal to every bank row
+  np.testing.assert_allclose(aligned, 2 * math.log1p(k * math.exp(-1 / tau)), rtol=1e-4)
+  np.testing.assert_allclose(L.crd_nce(drifted, drifted, rows, rows, nce_t=tau), 2 * math.log(1 + k), rtol=1e-6)
 
 
 def test_update_memory_keeps_unit_rows_and_touches_only_indices():
@@ -534,7 +552,7 @@ def test_zero_when_student_equals_teacher(name):
 
 def _grad_cases():
   other_logits, other_maps, other_emb = _normal(6, 5, seed=44), _normal(6, 4, 4, 7, seed=45), _normal(6, 3, seed=46)
-  neg = _unit(_normal(6, 5, 8, seed=47))
+  rows = _unit(_normal(6, 5, 8, seed=47))
   return {
       'ce': (lambda x: losses.cross_entropy(x, _LABELS, label_smoothing=0.1), _LOGITS),
       'kd': (lambda x: losses.kd_divergence(x, other_logits, temperature=4.0), _LOGITS),
@@ -547,7 +565,7 @@ def _grad_cases():
       'at': (lambda x: losses.attention_transfer(x, other_maps), _MAPS),
       'rkd': (lambda x: losses.relational_kd(x, other_emb), _EMB),
       'pkt': (lambda x: losses.pkt(x, other_emb), _EMB),
-      'crd': (lambda x: losses.crd_nce(x, _unit(_EMB[::-1]), neg, neg), _unit(_EMB)),
+      'crd': (lambda x: losses.crd_nce(x, _unit(_EMB[::-1]), rows, rows), _unit(_EMB)),
   }
 
 

@@ -78,8 +78,9 @@ def test_weights_combine_terms():
 
 
 def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
-  """The CRD term equals crd_nce on the projected, normalised pooled maps with negatives drawn from the banks, and
-  only the batch's rows of each bank move (to the momentum-updated embeddings)."""
+  """The CRD term equals crd_nce on the projected, normalised pooled maps against bank rows (the example's own
+  row first, then random rows, of which those of the anchor's class are left out), and only the batch's rows of
+  each bank move (to the momentum-updated embeddings; the label bank records their classes)."""
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   phase = config_lib.phase(1, {'c': config_lib.loss_term('crd', embed_dim=6, negatives=5, momentum=0.25)})
   shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
@@ -87,14 +88,22 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
   memory = objective_lib.init_memory([phase], 30, seed=0)
   np.testing.assert_allclose(jnp.linalg.norm(memory['c']['student'], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(memory['c']['labels'], -1)
+  memory['c']['labels'] = jnp.arange(30, dtype=jnp.int32) % 3  # as if every row had been written once
+  labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1], jnp.int32)
   objective, _ = objective_lib.build_objective(phase.losses)
   index, key = jnp.arange(10, 18), jax.random.key(4)
-  total, terms, new_memory = objective(student, teacher, None, adapters, 0, memory=memory, index=index, key=key)
+  total, terms, new_memory = objective(student, teacher, labels, adapters, 0, memory=memory, index=index, key=key)
 
   s = losses.l2_normalize(adapters.maps['crd_c_student'](student[1][-1].mean(axis=(1, 2))))
   t = losses.l2_normalize(adapters.maps['crd_c_teacher'](teacher[1][-1].mean(axis=(1, 2))))
-  rows = jax.random.randint(jax.random.fold_in(key, 0), (8, 5), 0, 30)
-  expected = losses.crd_nce(s, t, memory['c']['student'][rows], memory['c']['teacher'][rows], nce_t=0.07)
+  others = np.asarray(jax.random.randint(jax.random.fold_in(key, 0), (8, 5), 0, 30))
+  rows = np.concatenate([np.arange(10, 18)[:, None], others], axis=1)
+  valid = (others % 3) != np.asarray(labels)[:, None]  # the bank says row r holds class r % 3
+  valid &= others != np.arange(10, 18)[:, None]
+  assert 0 < valid.sum() < valid.size
+  expected = losses.crd_nce(s, t, memory['c']['student'][rows], memory['c']['teacher'][rows], valid=valid,
+                            nce_t=0.07)
   np.testing.assert_allclose(total, expected, rtol=1e-6)
   np.testing.assert_allclose(terms['c'], expected, rtol=1e-6)
   for side, emb in (('student', s), ('teacher', t)):
@@ -103,3 +112,6 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
     np.testing.assert_array_equal(new[untouched], old[untouched])
     moved = 0.25 * old[10:18] + 0.75 * np.asarray(emb)
     np.testing.assert_allclose(new[10:18], moved / np.linalg.norm(moved, axis=-1, keepdims=True), rtol=1e-5)
+  expected_labels = np.arange(30) % 3
+  expected_labels[10:18] = labels
+  np.testing.assert_array_equal(new_memory['c']['labels'], expected_labels)
