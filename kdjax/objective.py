@@ -98,7 +98,7 @@ def _crd(a, s, t, y, ad, step, memory, index, key):
   teacher = losses.l2_normalize(ad.maps[teacher_head](_global_pool(t[1][a['teacher_stage']])))
   others = jax.random.randint(key, (student.shape[0], a['negatives']), 0, memory['student'].shape[0])
   rows = jnp.concatenate([index[:, None], others], axis=1)
-  # Rows not yet written have label -1, so in the first epoch only the example itself is left out.
+  # The example's own row is never a negative; rows not yet written (label -1) count whatever their class.
   valid = (others != index[:, None]) & (memory['labels'][others] != y[:, None])
   value = losses.crd_nce(student, teacher, memory['student'][rows], memory['teacher'][rows], valid=valid,
                          nce_t=a['nce_t'])
