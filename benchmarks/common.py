@@ -165,7 +165,8 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   teacher_def, teacher_vars = teacher if teacher is not None else (None, None)
   eval_def, eval_vars = eval_teacher or teacher or (None, None)
   spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher_def, objective=objective,
-                         term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess)
+                         term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess,
+                         first_step=0, steps_per_epoch=dataset.steps_per_epoch(batch_size))
   state = jax.device_put(state, replicated)
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),

@@ -13,15 +13,15 @@ from kdjax.config import base_config, loss_term, optimizer, phase
 
 
 # The loss terms of each method of the benchmark recipe, by its published weights, given DKD's linear warm-up in
-# steps (20 of 240 epochs in the recipe). Shared with `cifar10_methods.py`, which runs the same methods at a CPU budget.
+# epochs (20 of 240 in the recipe). Shared with `cifar10_methods.py`, which runs the same methods at a CPU budget.
 METHOD_LOSSES = {
-    'ce': lambda warmup_steps: {'ce': loss_term('ce')},
-    'kd': lambda warmup_steps: {'ce': loss_term('ce', weight=0.1),
-                                'kd': loss_term('kd', weight=0.9, temperature=4.0)},
-    'dkd': lambda warmup_steps: {'ce': loss_term('ce'),
-                                 'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
-                                                  warmup_steps=warmup_steps)},
-    'crd': lambda warmup_steps: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)},
+    'ce': lambda warmup_epochs: {'ce': loss_term('ce')},
+    'kd': lambda warmup_epochs: {'ce': loss_term('ce', weight=0.1),
+                                 'kd': loss_term('kd', weight=0.9, temperature=4.0)},
+    'dkd': lambda warmup_epochs: {'ce': loss_term('ce'),
+                                  'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
+                                                   warmup_epochs=float(warmup_epochs))},
+    'crd': lambda warmup_epochs: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)},
 }
 
 
@@ -38,6 +38,6 @@ def get_config(arg='kd'):
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=(150, 180, 210), decay_factor=0.1)
   method = next((a for a in args if a in METHOD_LOSSES), 'ce')
-  cfg.phases.train = phase(240, METHOD_LOSSES[method](20 * (50_000 // 64)), sgd)
+  cfg.phases.train = phase(240, METHOD_LOSSES[method](20), sgd)
   cfg.eval_every_epochs = 10.0
   return cfg

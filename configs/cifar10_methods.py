@@ -33,8 +33,7 @@ def get_config(arg='kd'):
   scale = EPOCHS / RECIPE_EPOCHS
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=tuple(b * scale for b in RECIPE_BOUNDARIES), decay_factor=0.1)
-  warmup_steps = int(RECIPE_WARMUP_EPOCHS * scale * 50_000 / BATCH)
-  cfg.phases.train = phase(EPOCHS, METHOD_LOSSES[method](warmup_steps), sgd)
+  cfg.phases.train = phase(EPOCHS, METHOD_LOSSES[method](RECIPE_WARMUP_EPOCHS * scale), sgd)
   cfg.eval_every_epochs = 1.0
   cfg.log_every_steps = 200
   if 'repeats' in args:

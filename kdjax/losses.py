@@ -245,17 +245,17 @@ def dkd(
   return temperature**2 * jnp.mean(alpha * tckd + beta * nckd)
 
 
-def linear_warmup(step, warmup_steps) -> jax.Array:
-  """Loss-weight factor min(step / warmup_steps, 1), in [0, 1].
+def linear_warmup(progress, duration) -> jax.Array:
+  """Loss-weight factor min(progress / duration, 1), in [0, 1].
 
   DKD (Zhao et al. 2022) ramps its loss in linearly over the first epochs (20 on CIFAR-100): with beta = 8 the
   distillation term is large while the student is still random, and the ramp keeps it from dominating the first
-  updates. `step` may be a traced array (an epoch or an optimizer step, the caller chooses the unit);
-  `warmup_steps <= 0` means no warm-up.
+  updates. Both arguments may be traced arrays in one unit of the caller's choosing (kdjax's objective passes
+  epochs); `duration <= 0` means no warm-up.
   """
-  step = _f32(step)
-  warmup = _f32(warmup_steps)
-  factor = jnp.clip(step / jnp.maximum(warmup, 1e-12), 0.0, 1.0)
+  progress = _f32(progress)
+  warmup = _f32(duration)
+  factor = jnp.clip(progress / jnp.maximum(warmup, 1e-12), 0.0, 1.0)
   return jnp.where(warmup > 0, factor, 1.0)
 
 

@@ -1,4 +1,4 @@
-"""From a phase's `losses` config to one function `(student_out, teacher_out, labels, adapters, step, ...)`
+"""From a phase's `losses` config to one function `(student_out, teacher_out, labels, adapters, epoch, ...)`
 returning `(loss, terms, memory)`.
 
 Each loss *term* is an entry of `TERMS`: which arguments it takes (with defaults and checks), whether it needs the
@@ -32,7 +32,10 @@ def _unit_interval(name):
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-  """A loss term kind: `compute(args, student_out, teacher_out, labels, adapters, step)` returns a scalar."""
+  """A loss term kind: `compute(args, student_out, teacher_out, labels, adapters, epoch)` returns a scalar.
+
+  `epoch` is the phase's progress in epochs (a float32 array: 0 at the phase's first step), the unit papers state
+  schedules in, so a term's schedule does not depend on the dataset's size, the batch size or earlier phases."""
   compute: Callable[..., jax.Array]
   defaults: dict[str, Any]
   needs_teacher: bool
@@ -69,27 +72,28 @@ def _feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
   if pool is not None:
     defaults['pool'] = pool
   return Term(
-      compute=lambda a, s, t, y, ad, step: loss_fn(*_adapted(a, s, t, ad), **{k: a[k] for k in extra_defaults}),
+      compute=lambda a, s, t, y, ad, epoch: loss_fn(*_adapted(a, s, t, ad), **{k: a[k] for k in extra_defaults}),
       defaults=defaults, needs_teacher=True, uses_features=True, same_channels=same_channels, checks=_ADAPTER)
 
 
 def _logit_term(loss_fn, with_labels=False, checks=None, **defaults):
-  def compute(a, s, t, y, ad, step):
+  def compute(a, s, t, y, ad, epoch):
     return loss_fn(s[0], t[0], y, **a) if with_labels else loss_fn(s[0], t[0], **a)
   return Term(compute=compute, defaults=defaults, needs_teacher=True, checks=checks or {})
 
 
-def _dkd(a, s, t, y, ad, step):
-  """Decoupled KD with its linear warm-up of the loss weight over the first `warmup_steps` steps."""
-  args = {k: v for k, v in a.items() if k != 'warmup_steps'}
-  return losses.linear_warmup(step, a['warmup_steps']) * losses.dkd(s[0], t[0], y, **args)
+def _dkd(a, s, t, y, ad, epoch):
+  """Decoupled KD with its linear warm-up of the loss weight over the phase's first `warmup_epochs` epochs (the
+  paper's 20 on CIFAR-100), whatever the dataset's size and batch size."""
+  args = {k: v for k, v in a.items() if k != 'warmup_epochs'}
+  return losses.linear_warmup(epoch, a['warmup_epochs']) * losses.dkd(s[0], t[0], y, **args)
 
 
 def _crd_heads(name: str) -> tuple[str, str]:
   return f'crd_{name}_student', f'crd_{name}_teacher'
 
 
-def _crd(a, s, t, y, ad, step, memory, index, key):
+def _crd(a, s, t, y, ad, epoch, memory, index, key):
   """CRD (Tian et al. 2020): project both pooled feature maps to `embed_dim` with learned heads, contrast each
   side's embedding with the other side's bank (its own example's row against `negatives` random rows of other
   classes, see `losses.crd_nce`), then write the batch's embeddings and labels into the banks (momentum update)."""
@@ -128,14 +132,16 @@ _ADAPTER = dict(adapter=lambda v: None if v in ('auto', 'always', 'never') else
                 f"`adapter` must be 'auto' (where channels differ), 'always' or 'never', got {v!r}")
 
 TERMS: dict[str, Term] = {
-    'ce': Term(compute=lambda a, s, t, y, ad, step: losses.cross_entropy(s[0], y, **a),
+    'ce': Term(compute=lambda a, s, t, y, ad, epoch: losses.cross_entropy(s[0], y, **a),
                defaults=dict(label_smoothing=0.0), needs_teacher=False,
                checks=dict(label_smoothing=_unit_interval('label_smoothing'))),
     'hinton_kd': _logit_term(losses.hinton_kd, with_labels=True, alpha=0.5, temperature=4.0,
                              checks=dict(alpha=_unit_interval('alpha'), **_TEMPERATURE)),
     'kd': _logit_term(losses.kd_divergence, temperature=4.0, checks=_TEMPERATURE),
-    'dkd': Term(compute=_dkd, defaults=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=0),
-                needs_teacher=True, checks=_TEMPERATURE),
+    'dkd': Term(compute=_dkd, defaults=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.0),
+                needs_teacher=True,
+                checks=dict(warmup_epochs=lambda v: None if v >= 0 else f'`warmup_epochs` must be >= 0, got {v}',
+                            **_TEMPERATURE)),
     'dist': _logit_term(losses.dist, beta=1.0, gamma=1.0, temperature=1.0, checks=_TEMPERATURE),
     'lskd': _logit_term(losses.logit_standardized_kd, temperature=2.0, checks=_TEMPERATURE),
     'feature_mse': _feature_term(losses.feature_mse, same_channels=True),   # FitNets hints / stage matching
@@ -248,7 +254,7 @@ def loss_arguments(losses_cfg) -> dict[str, dict[str, jax.Array]]:
   They travel in the train state (`TrainState.loss_args`) instead of being baked into the compiled step as
   constants, so runs that differ only in them (the alpha x temperature cells of a sweep, its seeds) compile to the
   same XLA program, which JAX's persistent compilation cache then shares. Integer and string arguments (stages,
-  sizes, warm-up steps) shape the program and stay static.
+  sizes) shape the program and stay static.
   """
   return {name: {**{k: jnp.float32(v) for k, v in term_args(t).items() if isinstance(v, float)},
                  'weight': jnp.float32(t.weight)}
@@ -258,7 +264,7 @@ def loss_arguments(losses_cfg) -> dict[str, dict[str, jax.Array]]:
 def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
   """One function computing the weighted sum of a phase's terms, each term's value, and the terms' new memory.
 
-  `objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None, loss_args=None)`
+  `objective(student_out, teacher_out, labels, adapters, epoch, memory=None, index=None, key=None, loss_args=None)`
   returns `(total, values, memory)`. `memory`, `index` (the batch's example indices) and `key` are needed only by
   stateful terms, whose memory comes back updated (the others' is passed through). `loss_args` (see
   `loss_arguments`) replaces the config's float arguments and weights by traced values; without it they are
@@ -266,7 +272,7 @@ def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
   """
   terms = [(name, TERMS[t.kind], _named_args(name, t), float(t.weight)) for name, t in sorted(losses_cfg.items())]
 
-  def objective(student_out, teacher_out, labels, adapters, step, memory=None, index=None, key=None,
+  def objective(student_out, teacher_out, labels, adapters, epoch, memory=None, index=None, key=None,
                 loss_args=None):
     values, memory, total = {}, dict(memory or {}), 0.0
     for position, (name, term, args, weight) in enumerate(terms):
@@ -275,9 +281,9 @@ def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
         weight = traced.pop('weight')
         args = {**args, **traced}
       if term.init_memory is None:
-        values[name] = term.compute(args, student_out, teacher_out, labels, adapters, step)
+        values[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch)
       else:
-        values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, step,
+        values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch,
                                                   memory[name], index, jax.random.fold_in(key, position))
       total = total + weight * values[name]
     return total, values, memory

@@ -71,6 +71,13 @@ class PhaseStep:
   trainable: str           # regex over student parameter paths
   frozen_bn: bool          # frozen stages keep their BatchNorm statistics
   preprocess: Preprocess
+  # Where the phase starts and how long an epoch is, so loss terms see the phase's progress in epochs.
+  first_step: int
+  steps_per_epoch: int
+
+  def epoch(self, step: jax.Array) -> jax.Array:
+    """The phase's progress in epochs at optimizer step `step` (0.0 at the phase's first step)."""
+    return (step - self.first_step).astype(jnp.float32) / self.steps_per_epoch
 
 
 def _all_finite(tree) -> jax.Array:
@@ -92,7 +99,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
     model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
     student_out = model(images, train=True)
     adapters = nnx.merge(spec.adapter_def, adapter_params)
-    loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, state.step,
+    loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, spec.epoch(state.step),
                                          memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1),
                                          loss_args=state.loss_args or None)
     return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)), memory)

@@ -229,7 +229,8 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   objective, term_names = objective_lib.build_objective(run.phases[k].losses)
   spec = steps.PhaseStep(student_def=run.student_def, adapter_def=run.adapter_def, teacher=run.train_teacher,
                          objective=objective, term_names=term_names, tx=tx, trainable=run.phases[k].trainable,
-                         frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess)
+                         frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess,
+                         first_step=plan.starts[k], steps_per_epoch=plan.steps_per_epoch)
   batch_sharding = mesh_lib.batch_sharded(run.data.train.mesh)
   train_fn = steps.jit_train_program(spec, cfg.batch_size, batch_sharding, run.replicated)
   split = (run.data.train.images, run.data.train.labels)

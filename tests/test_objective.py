@@ -60,10 +60,10 @@ def test_mismatched_channels_without_adapter_is_a_user_error():
 def test_dkd_warms_up_linearly():
   student, teacher = _outputs(jax.random.key(0), (8,)), _outputs(jax.random.key(1), (8,))
   labels = jnp.arange(8) % 10
-  objective, _ = objective_lib.build_objective({'d': config_lib.loss_term('dkd', warmup_steps=10)})
+  objective, _ = objective_lib.build_objective({'d': config_lib.loss_term('dkd', warmup_epochs=2.0)})
   full = losses.dkd(student[0], teacher[0], labels)
-  for step, factor in ((0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)):
-    total, _, _ = objective(student, teacher, labels, None, jnp.int32(step))
+  for epoch, factor in ((0.0, 0.0), (1.0, 0.5), (2.0, 1.0), (10.0, 1.0)):
+    total, _, _ = objective(student, teacher, labels, None, jnp.float32(epoch))
     np.testing.assert_allclose(total, factor * full, rtol=1e-6)
 
 
@@ -115,3 +115,10 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
   expected_labels = np.arange(30) % 3
   expected_labels[10:18] = labels
   np.testing.assert_array_equal(new_memory['c']['labels'], expected_labels)
+
+
+def test_dkd_warmup_is_in_epochs_and_the_old_step_argument_names_it():
+  with pytest.raises(UserError, match='did you mean `warmup_epochs`'):
+    objective_lib.check_term(config_lib.loss_term('dkd', warmup_steps=390), 'phases.train.losses.dkd')
+  with pytest.raises(UserError, match='`warmup_epochs` must be >= 0'):
+    objective_lib.check_term(config_lib.loss_term('dkd', warmup_epochs=-1.0), 'phases.train.losses.dkd')

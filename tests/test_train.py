@@ -40,6 +40,15 @@ def checkpoint_step_meta(workdir, step):
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
+def test_loss_terms_see_the_phase_progress_in_epochs():
+  """DKD's warm-up (and any term's schedule) counts epochs from its own phase's first step, not the run's."""
+  spec = steps.PhaseStep(student_def=None, adapter_def=None, teacher=None, objective=None, term_names=(), tx=None,
+                         trainable='.*', frozen_bn=True, preprocess=None, first_step=300, steps_per_epoch=40)
+  epochs = jax.jit(spec.epoch)(jnp.asarray([300, 310, 340, 400], jnp.int32))
+  assert epochs.dtype == jnp.float32
+  np.testing.assert_allclose(epochs, [0.0, 0.25, 1.0, 2.5])
+
+
 def test_train_step_lowers_loss_on_a_fixed_batch():
   model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -48,7 +57,7 @@ def test_train_step_lowers_loss_on_a_fixed_batch():
   tx = optax.adam(1e-2)
   spec = steps.PhaseStep(
       student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable='.*', frozen_bn=True,
+      trainable='.*', frozen_bn=True, first_step=0, steps_per_epoch=1,
       preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
                                   evaluate=lambda x: x / 255.0, mean=(0.5,), std=(0.25,), dtype=jnp.float32, image_size=8))
   state = state_lib.init_state(params, model_state, adapter_params, tx.init((params, adapter_params)), 0, 1)
@@ -207,7 +216,7 @@ def test_every_augmentation_runs_in_the_sharded_step(name):
   tx = optax.sgd(0.1)
   spec = steps.PhaseStep(
       student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable='.*', frozen_bn=True,
+      trainable='.*', frozen_bn=True, first_step=0, steps_per_epoch=1,
       preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[name](r, x, image_size=16),
                                   evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3,
                                   dtype=jnp.float32, image_size=16))
