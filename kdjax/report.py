@@ -20,8 +20,8 @@ def pct(value: float) -> str:
   return f'{100 * value:.2f}'
 
 
-def write_results(workdir: str, title: str, rows: list[dict]) -> str:
-  """`results.md` and `results.json` in workdir: one line per run, then mean ± std; returns the Markdown.
+def write_results(workdir: str, title: str, rows: list[dict]) -> tuple[str, dict]:
+  """`results.md` and `results.json` in workdir: one line per run, then mean ± std; returns both contents.
 
   Columns: best and last eval top-1, and the held-out top-1 (subset mode's accuracy on the rest of the training
   split) when every run has one.
@@ -37,9 +37,10 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> str:
   lines += [f'| **mean ± std (n={len(rows)})** | ' +
             ' | '.join(f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**' for key, *_ in columns) + ' |', '']
   markdown = '\n'.join(lines)
-  save_results(workdir, markdown, dict(title=title, runs=rows, **{
-      name: dict(mean=stats[key][0], std=stats[key][1]) for key, _, name in columns}))
-  return markdown
+  data = dict(title=title, runs=rows, **{name: dict(mean=stats[key][0], std=stats[key][1])
+                                          for key, _, name in columns})
+  save_results(workdir, markdown, data)
+  return markdown, data
 
 
 def save_results(workdir: str, markdown: str, data: dict, csv_rows: list[dict] | None = None) -> None:

@@ -59,10 +59,10 @@ def run_repeats(cfg, workdir):
     child_dir = os.path.join(workdir, f'seed_{seed}')
     summary = sweep.finished_summary(child, child_dir) or train.train_and_evaluate(child, child_dir)
     rows.append(dict(name=f'seed_{seed}', **summary))
-  markdown = report.write_results(workdir, f'{cfg.student.name} on {cfg.data.dataset}', rows)
+  markdown, results = report.write_results(workdir, f'{cfg.student.name} on {cfg.data.dataset}', rows)
   print(markdown, flush=True)
-  best = report.mean_std([r['best_eval_top1'] for r in rows])
-  return dict(runs=len(rows), best_eval_top1_mean=best[0], best_eval_top1_std=best[1])
+  best = results['best_eval_top1']
+  return dict(runs=len(rows), best_eval_top1_mean=best['mean'], best_eval_top1_std=best['std'])
 
 
 def run_sweep(cfg, workdir):

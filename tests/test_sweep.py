@@ -24,7 +24,7 @@ def test_mean_std_against_hand_computed_numbers():
 def test_results_table(tmp_path):
   rows = [dict(name='seed_0', best_eval_top1=0.9, eval_top1=0.89),
           dict(name='seed_1', best_eval_top1=0.94, eval_top1=0.93)]
-  markdown = report.write_results(str(tmp_path), 't', rows)
+  markdown, _ = report.write_results(str(tmp_path), 't', rows)
   assert '| seed_1 | 94.00 | 93.00 |' in markdown
   assert '**92.00 ± 2.83**' in markdown  # std of (90, 94) = 2.83
   data = json.load(open(tmp_path / 'results.json'))
@@ -36,7 +36,7 @@ def test_results_table_has_the_held_out_column_in_subset_mode(tmp_path):
   rows = [dict(name='seed_0', best_eval_top1=0.9, eval_top1=0.89, heldout_top1=0.80),
           dict(name='seed_1', best_eval_top1=0.94, eval_top1=0.93, heldout_top1=0.86),
           dict(name='seed_2', best_eval_top1=0.92, eval_top1=0.91, heldout_top1=0.83)]
-  markdown = report.write_results(str(tmp_path), 't', rows)
+  markdown, _ = report.write_results(str(tmp_path), 't', rows)
   assert '| run | best eval top-1 (%) | last eval top-1 (%) | held-out top-1 (%) |' in markdown
   assert '| seed_1 | 94.00 | 93.00 | 86.00 |' in markdown
   assert '**83.00 ± 3.00**' in markdown  # held-out (80, 86, 83): mean 83, std sqrt((9 + 9 + 0) / 2) = 3
