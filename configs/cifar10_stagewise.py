@@ -11,11 +11,12 @@ Commands (teacher first):
   python main.py --config configs/cifar10_stagewise.py:ce,repeats --workdir workdirs/cifar10_resnet8_ce
 Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of classifier), Adam 1e-3 constant,
 flips, float32, batch 128. Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains
-everything), `subset` (train on train[:25%] and report the held-out train[25%:] too, as the published 1/4-data
+everything), `joint3`, `joint4` (the first n feature maps, each MSE weight 1, and the labels together in one
+4-epoch phase), `subset` (train on train[:25%] and report the held-out train[25%:] too, as the published 1/4-data
 comparison; every phase runs 4x the epochs, so both arms take as many steps as on the full split), `repeats`
 (seeds 0, 1, 2 -> results.md).
 """
-from kdjax.config import base_config, loss_term, optimizer, phase, stagewise
+from kdjax.config import base_config, joint, loss_term, optimizer, phase, stagewise
 from configs.cifar10_teacher import CIFAR10
 
 NUM_MAPS, STAGE_EPOCHS, CLASSIFIER_EPOCHS = 4, 0.5, 2.0
@@ -38,9 +39,12 @@ def get_config(arg=''):
   if 'subset' in args:
     cfg.data.train_split, cfg.data.heldout_split = f'train[:{SUBSET_PERCENT}%]', f'train[{SUBSET_PERCENT}%:]'
     scale = 100 / SUBSET_PERCENT
+  joint_maps = [int(a[len('joint'):]) for a in args if a.startswith('joint')]
   if 'ce' in args:
     cfg.teacher.workdir = ''
     cfg.phases.train = phase(TOTAL_EPOCHS * scale, {'ce': loss_term('ce')}, adam)
+  elif joint_maps:
+    cfg.schedule, cfg.phases = joint(joint_maps[0], TOTAL_EPOCHS * scale, adam)
   else:
     cfg.schedule, cfg.phases = stagewise(NUM_MAPS, STAGE_EPOCHS * scale, CLASSIFIER_EPOCHS * scale, adam, adam,
                                          finetune_backbone='finetune' in args)
