@@ -51,9 +51,12 @@ def phase(epochs: float, losses: dict, opt: ml_collections.ConfigDict | None = N
   `stages/2/conv1/kernel`) does not match `trainable` are frozen: neither they nor their BatchNorm statistics
   change during the phase (`frozen_bn`).
   """
+  # Copies: ConfigDict stores sub-dicts by reference, so phases built from one `opt` would share it and
+  # `--config.phases.classifier.optimizer.learning_rate=...` would change every phase.
   return ml_collections.ConfigDict(dict(
       epochs=float(epochs), trainable=trainable, frozen_bn=frozen_bn,
-      losses=ml_collections.ConfigDict(losses), optimizer=opt or optimizer()))
+      losses=ml_collections.ConfigDict(copy.deepcopy(dict(losses))),
+      optimizer=copy.deepcopy(opt) if opt is not None else optimizer()))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -256,9 +259,24 @@ def uses_teacher(cfg) -> bool:
   return any(objective.TERMS[t.kind].needs_teacher for ph in cfg.phases.values() for t in ph.losses.values())
 
 
+def _check_no_shared_nodes(cfg, prefix='', seen=None) -> None:
+  """No sub-config sits at two places: an override through one path would silently change the other too."""
+  seen = {} if seen is None else seen
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      path = f'{prefix}{key}'
+      if id(value) in seen:
+        raise UserError(f'config `{seen[id(value)]}` and `{path}` are one shared object, so overriding one would '
+                        'change both; give each its own (call optimizer(...) / loss_term(...) once per place, or '
+                        'copy.deepcopy it)')
+      seen[id(value)] = path
+      _check_no_shared_nodes(value, path + '.', seen)
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raise a UserError naming the fix for the first problem in `cfg`."""
   _check_known_keys(cfg, base_config())
+  _check_no_shared_nodes(cfg)
   for key, choices_fn in _CHOICES.items():
     value = cfg
     for part in key.split('.'):

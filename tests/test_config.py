@@ -60,3 +60,27 @@ def test_stagewise_helper_builds_freezing_phases():
   schedule, phases = config_lib.joint(3, 5.0, opt, map_weights=(1.0, 0.5, 0.25))
   assert set(phases.joint.losses) == {'ce', 'feature0', 'feature1', 'feature2'}
   assert phases.joint.losses.feature2.weight == 0.25
+
+
+def test_phases_built_from_one_optimizer_do_not_share_it():
+  """Found on real runs: `--config.phases.stage0.optimizer.learning_rate=...` changed the classifier phase too,
+  because every phase held the same ConfigDict."""
+  opt = config_lib.optimizer('adam', learning_rate=1e-3)
+  cfg = tiny.get_config('ce')
+  cfg.schedule, cfg.phases = config_lib.stagewise(2, 1.0, 1.0, opt, opt)
+  cfg.phases.stage0.optimizer.learning_rate = 0.5   # what a command-line override does
+  assert cfg.phases.stage1.optimizer.learning_rate == 1e-3
+  assert cfg.phases.classifier.optimizer.learning_rate == 1e-3
+  assert opt.learning_rate == 1e-3
+
+
+def test_a_sub_config_at_two_places_is_refused():
+  cfg = tiny.get_config('ce')
+  opt = config_lib.optimizer('adam')
+  cfg.phases.a = config_lib.phase(1, {'ce': config_lib.loss_term('ce')}, opt)
+  cfg.phases.a.optimizer = opt
+  cfg.phases.b = config_lib.phase(1, {'ce': config_lib.loss_term('ce')}, opt)
+  cfg.phases.b.optimizer = opt
+  cfg.schedule = ('a', 'b')
+  with pytest.raises(UserError, match='`phases.a.optimizer` and `phases.b.optimizer` are one shared object'):
+    config_lib.validate(cfg)
