@@ -9,8 +9,11 @@ Commands (teacher first):
   python main.py --config configs/cifar10_teacher.py:resnet20_cpu --workdir workdirs/cifar10_teacher_resnet20
   python main.py --config configs/cifar10_stagewise.py:repeats --workdir workdirs/cifar10_stagewise
   python main.py --config configs/cifar10_stagewise.py:ce,repeats --workdir workdirs/cifar10_resnet8_ce
-Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of classifier), Adam 1e-3 constant,
-flips, float32, batch 128. Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains
+Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of classifier), flips, float32, batch
+128, every phase Adam 1e-2 with its own cosine decay. Why 1e-2: at this budget every phase is limited by how far Adam
+can move the weights (about lr per step). Measured on seed 0 (README, "Measured so far"): Adam 1e-3 constant left
+the student's stem map at 46% relative error to the teacher's (47.8% top-1, frozen backbone) and the labels-only
+arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only arm to 72.8%. Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains
 everything), `joint3`, `joint4` (the first n feature maps, each MSE weight 1, and the labels together in one
 4-epoch phase), `subset` (train on train[:25%] and report the held-out train[25%:] too, as the published 1/4-data
 comparison; every phase runs 4x the epochs, so both arms take as many steps as on the full split), `repeats`
@@ -34,7 +37,7 @@ def get_config(arg=''):
   cfg.student.name = 'resnet8'
   cfg.teacher.name = 'resnet20'
   cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20'
-  adam = optimizer('adam', learning_rate=1e-3, schedule='constant')
+  adam = optimizer('adam', learning_rate=1e-2, schedule='cosine')
   scale = 1.0
   if 'subset' in args:
     cfg.data.train_split, cfg.data.heldout_split = f'train[:{SUBSET_PERCENT}%]', f'train[{SUBSET_PERCENT}%:]'
