@@ -13,11 +13,12 @@ Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of c
 128, every phase Adam 1e-2 with its own cosine decay. Why 1e-2: at this budget every phase is limited by how far Adam
 can move the weights (about lr per step). Measured on seed 0 (README, "Measured so far"): Adam 1e-3 constant left
 the student's stem map at 46% relative error to the teacher's (47.8% top-1, frozen backbone) and the labels-only
-arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only arm to 72.8%. Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains
-everything), `joint3`, `joint4` (the first n feature maps, each MSE weight 1, and the labels together in one
-4-epoch phase), `subset` (train on train[:25%] and report the held-out train[25%:] too, as the published 1/4-data
-comparison; every phase runs 4x the epochs, so both arms take as many steps as on the full split), `repeats`
-(seeds 0, 1, 2 -> results.md).
+arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only arm to 72.8%.
+
+Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains everything), `joint3`, `joint4`
+(the first n feature maps, each MSE weight 1, and the labels together in one 4-epoch phase), `subset` (train on
+train[:25%] and report the held-out train[25%:] too, as the published 1/4-data comparison; every phase runs 4x the
+epochs, so both arms take as many steps as on the full split), `repeats` (seeds 0, 1, 2 -> results.md).
 """
 from kdjax.config import base_config, joint, loss_term, optimizer, phase, stagewise
 from configs.cifar10_teacher import CIFAR10

@@ -17,8 +17,8 @@ ARGS = {
     'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10', 'crd'],
     'mnist_kd.py': ['teacher_vgg16', 'teacher_resnet164', 'mlp_from_vgg16', 'cnn3_from_resnet164',
                     'ensemble_from_vgg16'],
-    'imagenette_teacher.py': ['', 'smoke'], 'imagenette_student.py': ['', 'small,subset', 'smallest,repeats'],
-    'imagenette_stagewise.py': ['', 'smoke', 'joint3', 'joint5,small', 'finetune,subset,repeats'],
+    'imagenette_teacher.py': ['', 'smoke'], 'imagenette_student.py': ['', 'small,subset', 'smallest,repeats', 'published'],
+    'imagenette_stagewise.py': ['', 'smoke', 'joint3', 'joint5,small', 'finetune,subset,repeats', 'published'],
     'tiny_imagenet_kd.py': ['teacher', 'kd', 'ce', 'teacher,smoke', 'kd,smoke'],
 }
 CASES = [(name, arg) for name, args in ARGS.items() for arg in args]
