@@ -18,9 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs'
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
                                '(default: workdirs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'predict', 'export'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'match', 'predict', 'export'],
                           'train (or resume) the config; check: validate it and exit (no data read, nothing '
-                          'trained); eval: accuracy of the run\'s best checkpoint on data.eval_split; predict: '
+                          'trained); eval: accuracy of the run\'s best checkpoint on data.eval_split; match: how '
+                          'close its feature maps are to its teacher\'s there (kdjax.feature_match); predict: '
                           'classes of --images; export: write WORKDIR/export.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files for --mode=predict.')
 
@@ -108,14 +109,34 @@ def _check(cfg, workdir):
               dataset=cfg.data.dataset)
 
 
+def _eval_split(cfg):
+  from kdjax.data import load_split
+  return load_split(os.path.expanduser(cfg.data.dataset), cfg.data.eval_split,
+                    image_size=cfg.data.image_size or None, cache_dir=cfg.data.cache_dir or None,
+                    data_dir=cfg.data.data_dir or None, on_corrupt=cfg.data.on_corrupt)
+
+
 def _eval(cfg, workdir):
   from kdjax import export
-  from kdjax.data import load_split
-  split = load_split(os.path.expanduser(cfg.data.dataset), cfg.data.eval_split,
-                     image_size=cfg.data.image_size or None, cache_dir=cfg.data.cache_dir or None,
-                     data_dir=cfg.data.data_dir or None, on_corrupt=cfg.data.on_corrupt)
+  split = _eval_split(cfg)
   result = export.evaluate_split(export.Predictor.load(workdir), split.images, split.labels)
   return dict(workdir=workdir, split=cfg.data.eval_split, **result)
+
+
+def _match(cfg, workdir, batch_size=500):
+  """The run's student against the config's teacher on data.eval_split (see kdjax.feature_match)."""
+  import jax.numpy as jnp
+  from kdjax import export, feature_match, teachers
+  student = export.Predictor.load(workdir)
+  spec = student.spec
+  teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),
+                                     image_shape=tuple(spec['image_shape']), dtype=jnp.float32)
+  split = _eval_split(cfg)
+  mean, std = jnp.asarray(spec['mean']), jnp.asarray(spec['std'])
+  batches = (((jnp.asarray(split.images[i:i + batch_size]) / 255.0 - mean) / std, split.labels[i:i + batch_size])
+             for i in range(0, len(split.labels), batch_size))
+  return dict(workdir=workdir, teacher=cfg.teacher.workdir, split=cfg.data.eval_split,
+              **feature_match.compare(student.model, teacher, batches))
 
 
 def _predict(cfg, workdir):
@@ -131,7 +152,8 @@ def _export(cfg, workdir):
   return dict(export=export.export_run(workdir))
 
 
-MODES = {'train': _train, 'check': _check, 'eval': _eval, 'predict': _predict, 'export': _export}
+MODES = {'train': _train, 'check': _check, 'eval': _eval, 'match': _match, 'predict': _predict,
+         'export': _export}
 
 
 if __name__ == '__main__':
