@@ -15,7 +15,8 @@ can move the weights (about lr per step). Measured on seed 0 (README, "Measured 
 the student's stem map at 46% relative error to the teacher's (47.8% top-1, frozen backbone) and the labels-only
 arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only arm to 72.8%.
 
-Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains everything), `joint3`, `joint4`
+Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains everything), `cumulative`
+(stage phase k trains stages 0..k, not stage k alone), `joint3`, `joint4`
 (the first n feature maps, each MSE weight 1, and the labels together in one 4-epoch phase), `subset` (train on
 train[:25%] and report the held-out train[25%:] too, as the published 1/4-data comparison; every phase runs 4x the
 epochs, so both arms take as many steps as on the full split), `repeats` (seeds 0, 1, 2 -> results.md).
@@ -51,6 +52,7 @@ def get_config(arg=''):
     cfg.schedule, cfg.phases = joint(joint_maps[0], TOTAL_EPOCHS * scale, adam)
   else:
     cfg.schedule, cfg.phases = stagewise(NUM_MAPS, STAGE_EPOCHS * scale, CLASSIFIER_EPOCHS * scale, adam, adam,
+                                         freeze_earlier='cumulative' not in args,
                                          finetune_backbone='finetune' in args)
   if 'repeats' in args:
     cfg.suite = 'repeats'

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 ARGS = {
     'default.py': [None], 'cifar10_teacher.py': [None, 'smoke', 'resnet20_cpu'],
     'cifar10_student.py': [None, 'smoke'],
-    'cifar10_stagewise.py': ['', 'repeats', 'ce,repeats', 'finetune', 'subset,repeats', 'ce,subset', 'joint3,repeats'],
+    'cifar10_stagewise.py': ['', 'repeats', 'ce,repeats', 'finetune', 'subset,repeats', 'ce,subset', 'joint3,repeats', 'cumulative'],
     'cifar10_kd.py': [None, 'smoke'], 'cifar10_kd_grid.py': [None], 'cifar10_vgg19_kd.py': ['teacher', '5', '20'],
     'cifar10_adam_kd.py': [None], 'cifar10_methods.py': ['ce', 'kd', 'dkd', 'crd,repeats'],
     'cifar100_benchmark.py': ['teacher', 'kd', 'dkd', 'ce', 'kd,cifar10', 'crd'],
