@@ -101,6 +101,11 @@ def plan_imagenette(args) -> list[Step]:
                                          f'--config.teacher.workdir={teacher}'), 240,
            [os.path.join(RUNS, 'stagewise', 'results.md'), os.path.join(RUNS, 'stagewise', 'results.json')],
            needs=('teacher',)),
+      # Did the stage phases reach the teacher's maps? (per-map relative error; printed into session.md)
+      Step('stagewise_match', _main_py('--config', 'configs/imagenette_stagewise.py', '--workdir',
+                                       os.path.join(RUNS, 'stagewise', 'seed_0'), *data,
+                                       f'--config.teacher.workdir={teacher}', '--mode=match'), 30,
+           needs=('student_stagewise',)),
   ]
 
 
