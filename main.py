@@ -126,7 +126,12 @@ def _eval(cfg, workdir):
 def _match(cfg, workdir, batch_size=500):
   """The run's student against the config's teacher on data.eval_split (see kdjax.feature_match)."""
   import jax.numpy as jnp
+  from kdjax import config as config_lib
   from kdjax import export, feature_match, teachers
+  from kdjax.errors import UserError
+  if not config_lib.teacher_workdirs(cfg):
+    raise UserError('--mode=match compares the run with a teacher; set --config.teacher.workdir=DIR of the '
+                    'teacher it was distilled from')
   student = export.Predictor.load(workdir)
   spec = student.spec
   teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),

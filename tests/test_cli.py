@@ -12,6 +12,7 @@ from tests.conftest import TINY, run_main
     ('ce', ['--config.batch_size=many'], '--config.batch_size=many'),
     ('ce', ['--config.data.dataset=/nonexistent/cifar'], 'not found'),
     ('ce', ['--config.phases.train.losses.ce.kind=hinton_kd'], 'label_smoothing` is not an argument of loss `hinton_kd`'),
+    ('ce', ['--mode=match'], '--mode=match compares the run with a teacher; set --config.teacher.workdir'),
     ('kd', ['--config.teacher.workdir=/nonexistent/teacher'], "teacher.workdir '/nonexistent/teacher' does not exist"),
     ('kd', ['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.temperature=-1'], '`temperature` must be > 0'),
     ('kd', ['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.alpha=1.5'], '`alpha` must be in [0, 1]'),
