@@ -137,8 +137,7 @@ def _match(cfg, workdir, batch_size=500):
   teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),
                                      image_shape=tuple(spec['image_shape']), dtype=jnp.float32)
   split = _eval_split(cfg)
-  mean, std = jnp.asarray(spec['mean']), jnp.asarray(spec['std'])
-  batches = (((jnp.asarray(split.images[i:i + batch_size]) / 255.0 - mean) / std, split.labels[i:i + batch_size])
+  batches = ((student.normalize(jnp.asarray(split.images[i:i + batch_size])), split.labels[i:i + batch_size])
              for i in range(0, len(split.labels), batch_size))
   return dict(workdir=workdir, teacher=cfg.teacher.workdir, split=cfg.data.eval_split,
               **feature_match.compare(student.model, teacher, batches))

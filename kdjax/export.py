@@ -54,13 +54,16 @@ class Predictor:
   def __post_init__(self):
     self._forward = jax.jit(self._probabilities)
 
+  def normalize(self, images):
+    """uint8 images -> the model's input, as in training (the run's channel mean and std)."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.spec['mean'])) / jnp.asarray(self.spec['std'])
+
   def _probabilities(self, images):
     size = self.spec['image_shape'][0]
     if images.shape[1:3] != (size, size):
       images = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, images.shape[3]),
                                 'bilinear')
-    x = (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.spec['mean'])) / jnp.asarray(self.spec['std'])
-    logits, _ = self.model(x, train=False)
+    logits, _ = self.model(self.normalize(images), train=False)
     return jax.nn.softmax(logits)
 
   def predict_arrays(self, images: np.ndarray) -> np.ndarray:
