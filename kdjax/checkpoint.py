@@ -40,16 +40,21 @@ class Checkpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     if step not in self.latest.all_steps():
       self.latest.save(step, args=args)
-    if best:
-      self.best.save(step, args=args)
+    if best and not self.best.save(step, args=args):  # Orbax skips a step at or below its newest one
+      logging.warning('best checkpoint at step %d not saved: %s already holds step %d', step,
+                      self.best.directory, self.best.latest_step())
 
   def restore_latest(self, abstract_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
-    """The newest checkpoint that restores, else the one before, and so on; None when there is none.
+    """The newest checkpoint that restores, else the one before, and so on; None when the workdir has none.
 
-    `abstract_for_meta(meta)` gives the target structure (it depends on the phase the checkpoint was taken in). A
-    checkpoint that fails to restore (torn by a kill, corrupted on disk) is moved to `corrupt_checkpoints/` with
-    a warning -- never deleted -- so that the step can be saved again when training reaches it.
+    `abstract_for_meta(meta)` gives the target structure (it depends on the phase the checkpoint was taken in).
+    Checkpoints newer than the one that restores (torn by a kill, corrupted on disk) are moved to
+    `corrupt_checkpoints/` with a warning -- never deleted -- so that their steps can be saved again. When none
+    restores, the failure is not a torn write but a workdir this run cannot read (another config or kdjax
+    version, a device out of memory): it stops with a UserError and moves nothing, rather than silently training
+    from step 0 over a finished run.
     """
+    failed = []
     for step in sorted(self.latest.all_steps(), reverse=True):
       try:
         meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -59,14 +64,29 @@ class Checkpoints:
       except Exception as failure:  # pylint: disable=broad-except
         restored, error = None, failure
       if _everywhere(error is None):
+        for bad_step, bad_error in failed:
+          self._move_aside(bad_step, bad_error)
         return restored.state, restored.meta
-      self._move_aside(step, error)
+      failed.append((step, error))
+    if failed:
+      step, error = failed[0]
+      raise UserError(
+          f'none of the {len(failed)} checkpoints in {self.latest.directory} restores (newest, step {step}: '
+          f'{type(error).__name__}: {str(error)[:300]}); they were kept. If this workdir belongs to another config '
+          'or kdjax version, pass a new --workdir; to start over here, move checkpoints/ and best/ away')
+    best = self.best.latest_step()
+    if best is not None:
+      raise UserError(f'{self._workdir} has a best checkpoint (step {best}) but no checkpoints/ to resume from, '
+                      'so a fresh run could not replace it; pass a new --workdir, or move best/ away to start over')
     return None
 
   def _move_aside(self, step: int, error: Exception | None) -> None:
     """Move checkpoint `step` to corrupt_checkpoints/: process 0 moves it, every process waits for the move and
     reloads the step list, so that all of them fall back to the same previous checkpoint."""
     aside = os.path.join(self._workdir, 'corrupt_checkpoints', str(step))
+    suffix = 1
+    while os.path.exists(aside):  # the same step torn twice: keep both copies
+      aside, suffix = os.path.join(self._workdir, 'corrupt_checkpoints', f'{step}.{suffix}'), suffix + 1
     logging.warning('checkpoint %d in %s cannot be restored (%s); moved to %s, falling back to the previous one',
                     step, self.latest.directory, f'{type(error).__name__}: {error}' if error else
                     'another process failed to restore it', aside)

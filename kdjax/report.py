@@ -43,6 +43,15 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> tuple[str, dict
   return markdown, data
 
 
+def write_json(path: str, data, **dump_args) -> None:
+  """Write JSON atomically (a temporary file, then a rename): a run killed mid-write, or another process reading
+  at that moment, sees the old file or the new one, never half of one -- a sweep resumes from these files."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(data, f, **dump_args)
+  os.replace(tmp, path)
+
+
 def save_results(workdir: str, markdown: str, data: dict, csv_rows: list[dict] | None = None) -> None:
   """results.md, results.json (and results.csv) in `workdir`, written by process 0 only in a multi-process run."""
   if jax.process_index() != 0:
@@ -50,8 +59,7 @@ def save_results(workdir: str, markdown: str, data: dict, csv_rows: list[dict] |
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(markdown)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(data, f, indent=2, default=str)
+  write_json(os.path.join(workdir, 'results.json'), data, indent=2, default=str)
   if csv_rows:
     with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
       writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
@@ -75,10 +83,7 @@ class History:
   def save(self) -> None:
     if jax.process_index() != 0:  # one writer: every process holds the same rows
       return
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(self.rows, f)
-    os.replace(tmp, self.path)
+    write_json(self.path, self.rows)
 
   def series(self, key: str) -> tuple[list[int], list[float]]:
     points = [(row['step'], row[key]) for row in self.rows if key in row]

@@ -80,9 +80,7 @@ def _check_workdir(cfg, workdir: str) -> None:
                       f'{", ".join(sorted(differing)[:5])}); use another --workdir or delete that one')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:  # atomic: another process may read it right now
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+    report.write_json(path, current, indent=2, sort_keys=True)  # atomic: another process may read it right now
 
 
 def _flat(tree, prefix=''):
@@ -163,9 +161,9 @@ def build_run(cfg, workdir: str) -> Run:
   _check_workdir(cfg, workdir)
   data = run_data.load(cfg.data, mesh)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, export.DATA_FILE), 'w') as f:
-      json.dump(dict(class_names=list(data.class_names), image_shape=list(data.image_shape), mean=list(data.mean),
-                     std=list(data.std)), f, indent=2)
+    report.write_json(os.path.join(workdir, export.DATA_FILE), dict(
+        class_names=list(data.class_names), image_shape=list(data.image_shape), mean=list(data.mean),
+        std=list(data.std)), indent=2)
   dtype = DTYPES[cfg.compute_dtype]
   teacher, teacher_vars, teacher_channels = load_teacher(cfg, data, dtype, mesh)
   student = create_model(cfg.student.name, num_classes=data.num_classes, image_shape=data.image_shape,
@@ -254,8 +252,9 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
     at_log = step % cfg.log_every_steps == 0
     at_eval = (step - plan.starts[k]) % eval_every == 0 or step == plan.ends[k]
     at_checkpoint = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-    if at_log or at_eval:
+    if at_log or at_eval or at_checkpoint:  # never save a checkpoint past a refused non-finite update
       _check_finite(cfg, state, term_names, book.checkpoints)
+    if at_log or at_eval:
       _write(book, step, 'train', jax.device_get(acc.compute()))
       if at_log:
         acc = metrics_lib.empty_like(acc, run.replicated)
@@ -341,8 +340,7 @@ def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
   book.history.save()
   if jax.process_index() == 0:
     book.history.plot()
-    with open(os.path.join(run.workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
+    report.write_json(os.path.join(run.workdir, 'summary.json'), summary, indent=2)
   return summary
 
 

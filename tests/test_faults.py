@@ -1,11 +1,13 @@
 """Faults: NaN/Inf updates, corrupted checkpoints. Finished work is never lost."""
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from kdjax import config as config_lib
 from kdjax import train
+from kdjax.errors import UserError
 from tests.tiny_configs import tiny
 from tests.test_train import final_variables
 
@@ -42,20 +44,28 @@ def test_nonfinite_updates_can_be_skipped_and_counted(tmp_path):
   assert all(np.isfinite(v).all() for v in final_variables(str(tmp_path / 'run')).values())
 
 
-def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def _truncate(checkpoint_dir):
+  """Tear a checkpoint the way a kill mid-write or a bad disk would: every data file cut to a third."""
+  for root, _, files in os.walk(os.path.join(checkpoint_dir, 'state')):
+    for name in files:
+      with open(os.path.join(root, name), 'r+b') as f:
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+
+
+def _checkpointed_run(tmp_path):
   cfg = tiny.get_config('ce')
   cfg.checkpoint_every_steps = 10
   cfg.keep_checkpoints = 10
   workdir = str(tmp_path / 'run')
   first = train.train_and_evaluate(cfg, workdir)
-  reference = final_variables(workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  latest = os.path.join(ckpt_dir, str(steps[-1]), 'state')
-  for root, _, files in os.walk(latest):  # truncate every data file of the latest checkpoint
-    for name in files:
-      with open(os.path.join(root, name), 'r+b') as f:
-        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+  return cfg, workdir, first, ckpt_dir, sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  cfg, workdir, first, ckpt_dir, steps = _checkpointed_run(tmp_path)
+  reference = final_variables(workdir)
+  _truncate(os.path.join(ckpt_dir, str(steps[-1])))
   second = train.train_and_evaluate(cfg, workdir)
   assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))  # moved aside, not deleted
   assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps[:-1])
@@ -92,3 +102,32 @@ def test_fine_tune_from_a_finished_run_on_other_classes(tmp_path, teacher_workdi
   cfg.student.hidden = 24
   with pytest.raises(train.UserError, match='init checkpoint .* does not fit'):
     train.train_and_evaluate(cfg, str(tmp_path / 'wrong'))
+
+
+def test_a_workdir_whose_checkpoints_all_fail_stops_and_keeps_them(tmp_path):
+  """No checkpoint restores (another kdjax version, another config, a device out of memory): one error, nothing
+  moved -- never a silent restart from step 0 over a finished run."""
+  cfg, workdir, _, ckpt_dir, steps = _checkpointed_run(tmp_path)
+  for step in steps:
+    _truncate(os.path.join(ckpt_dir, str(step)))
+  with pytest.raises(UserError, match=f'none of the {len(steps)} checkpoints .* restores .*new --workdir'):
+    train.train_and_evaluate(cfg, workdir)
+  assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == steps
+  assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
+
+
+def test_a_best_checkpoint_without_checkpoints_is_not_overwritten_by_a_fresh_run(tmp_path):
+  cfg, workdir, _, ckpt_dir, _ = _checkpointed_run(tmp_path)
+  shutil.rmtree(ckpt_dir)
+  best_before = os.listdir(os.path.join(workdir, 'best'))
+  with pytest.raises(UserError, match='best checkpoint .* no checkpoints/'):
+    train.train_and_evaluate(cfg, workdir)
+  assert os.listdir(os.path.join(workdir, 'best')) == best_before
+
+
+def test_the_same_step_torn_twice_keeps_both_copies(tmp_path):
+  cfg, workdir, _, ckpt_dir, steps = _checkpointed_run(tmp_path)
+  for copy in ('', '.1'):
+    _truncate(os.path.join(ckpt_dir, str(steps[-1])))
+    train.train_and_evaluate(cfg, workdir)  # falls back, then saves steps[-1] again
+    assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', f'{steps[-1]}{copy}'))
