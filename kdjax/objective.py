@@ -12,6 +12,7 @@ A term may keep *memory* across steps (CRD's banks of past embeddings, one row p
 memory, which the train step keeps in the train state (so it is checkpointed, resumed and sharded like the rest).
 """
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
@@ -222,6 +223,19 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '
                         f'{args["teacher_stage"]} has {c_out}; set adapter=\'auto\' to learn a 1x1 adapter')
   return shapes
+
+
+def phase_adapter_pattern(ph, student_channels, teacher_channels) -> str:
+  """A regex over adapter paths selecting the adapters (and CRD heads) phase `ph`'s terms use.
+
+  A phase's optimizer trains only these: the others belong to other phases, and with weight decay they would drift
+  from their initial values while nothing uses them.
+  """
+  keys = adapter_shapes([ph], student_channels, teacher_channels)
+  return '^maps/(' + '|'.join(re.escape(k) for k in sorted(keys)) + ')/' if keys else NO_ADAPTERS
+
+
+NO_ADAPTERS = '(?!)'  # a regex that matches no path
 
 
 def _stage(channels, index, who):

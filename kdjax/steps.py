@@ -74,6 +74,7 @@ class PhaseStep:
   # Where the phase starts and how long an epoch is, so loss terms see the phase's progress in epochs.
   first_step: int
   steps_per_epoch: int
+  trainable_adapters: str = '.*'  # regex over adapter paths: the adapters this phase's terms use
 
   def epoch(self, step: jax.Array) -> jax.Array:
     """The phase's progress in epochs at optimizer step `step` (0.0 at the phase's first step)."""
@@ -92,28 +93,30 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
   labels = batch['label']
   teacher_out = None if spec.teacher is None else spec.teacher.outputs(teacher_vars, images, batch, key)
   trainable, frozen = state_lib.split_trainable(state.params, spec.trainable)
+  adapters_on, adapters_off = state_lib.split_trainable(state.adapter_params, spec.trainable_adapters)
 
-  def loss_fn(trainable, adapter_params, model_state):
+  def loss_fn(trainable, adapters_on, model_state):
     # Fresh Variable objects at this trace level: BatchNorm writes its statistics into them.
     model_state = jax.tree.map(lambda x: x, model_state)
     model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
     student_out = model(images, train=True)
-    adapters = nnx.merge(spec.adapter_def, adapter_params)
+    adapters = nnx.merge(spec.adapter_def, state_lib.merge(adapters_on, adapters_off))
     loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, spec.epoch(state.step),
                                          memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1),
                                          loss_args=state.loss_args or None)
     return loss, (terms, student_out[0], nnx.state(model, nnx.Not(nnx.Param)), memory)
 
   (loss, (terms, logits, model_state, memory)), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-      trainable, state.adapter_params, state.model_state)
-  updates, opt_state = spec.tx.update(grads, state.opt_state, (trainable, state.adapter_params))
-  trainable, adapter_params = optax.apply_updates((trainable, state.adapter_params), updates)
+      trainable, adapters_on, state.model_state)
+  updates, opt_state = spec.tx.update(grads, state.opt_state, (trainable, adapters_on))
+  trainable, adapters_on = optax.apply_updates((trainable, adapters_on), updates)
   if spec.frozen_bn:
     model_state = _keep_frozen(state.model_state, model_state, spec.trainable)
   term_values = jnp.stack([terms[name] for name in spec.term_names])
   finite = jnp.isfinite(loss) & _all_finite(grads)
   candidate = state.replace(step=state.step + 1, params=state_lib.merge(trainable, frozen),
-                            model_state=model_state, adapter_params=adapter_params, opt_state=opt_state,
+                            model_state=model_state, adapter_params=state_lib.merge(adapters_on, adapters_off),
+                            opt_state=opt_state,
                             memory=memory)
   refused = state.replace(
       step=state.step + 1, nonfinite_updates=state.nonfinite_updates + 1,
@@ -127,10 +130,16 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
 
 
 def _keep_frozen(old_model_state, new_model_state, pattern):
-  """New statistics for trainable paths, old ones for frozen paths (the phase must not move frozen stages)."""
-  new_trainable, _ = state_lib.split_trainable(new_model_state, pattern)
-  _, old_frozen = state_lib.split_trainable(old_model_state, pattern)
-  return state_lib.merge(new_trainable, old_frozen)
+  """Old BatchNorm statistics at frozen paths, the new model state everywhere else.
+
+  The phase must not move frozen stages, and their running statistics are part of what it would move. Only
+  statistics are kept: RNG counters (dropout in a frozen head that still feeds the loss) must go on advancing, or
+  every step would draw the same dropout mask.
+  """
+  frozen_stats = nnx.All(nnx.BatchStat, nnx.Not(state_lib.trainable_filter(pattern)))
+  _, new_rest = nnx.split_state(new_model_state, frozen_stats, ...)
+  old_frozen, _ = nnx.split_state(old_model_state, frozen_stats, ...)
+  return state_lib.merge(new_rest, old_frozen)
 
 
 def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, state: state_lib.TrainState,

@@ -123,6 +123,7 @@ class Run:
   preprocess: steps.Preprocess
   plan: PhasePlan
   phases: list
+  adapter_patterns: list[str]  # per phase: the adapters its terms use, the only ones its optimizer trains
   replicated: Any
 
   def __post_init__(self):
@@ -134,7 +135,8 @@ class Run:
                               self.plan.steps_per_epoch)
     source = base_state if base_state is not None else self
     trainable, _ = state_lib.split_trainable(source.params, self.phases[k].trainable)
-    opt_state = tx.init((trainable, source.adapter_params))
+    adapters, _ = state_lib.split_trainable(source.adapter_params, self.adapter_patterns[k])
+    opt_state = tx.init((trainable, adapters))
     num_terms = len(self.phases[k].losses)
     loss_args = objective_lib.loss_arguments(self.phases[k].losses)
     if base_state is None:
@@ -193,6 +195,8 @@ def build_run(cfg, workdir: str) -> Run:
              student_def=student_def, params=params, model_state=model_state, adapter_def=adapter_def,
              adapter_params=adapter_params, preprocess=preprocess,
              plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
+             adapter_patterns=[objective_lib.phase_adapter_pattern(ph, student.stage_channels, teacher_channels)
+                               if teacher else objective_lib.NO_ADAPTERS for ph in phases],
              replicated=mesh_lib.replicated(mesh))
 
 
@@ -228,7 +232,8 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   spec = steps.PhaseStep(student_def=run.student_def, adapter_def=run.adapter_def, teacher=run.train_teacher,
                          objective=objective, term_names=term_names, tx=tx, trainable=run.phases[k].trainable,
                          frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess,
-                         first_step=plan.starts[k], steps_per_epoch=plan.steps_per_epoch)
+                         first_step=plan.starts[k], steps_per_epoch=plan.steps_per_epoch,
+                         trainable_adapters=run.adapter_patterns[k])
   batch_sharding = mesh_lib.batch_sharded(run.data.train.mesh)
   train_fn = steps.jit_train_program(spec, cfg.batch_size, batch_sharding, run.replicated)
   split = (run.data.train.images, run.data.train.labels)

@@ -138,6 +138,44 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
     assert phases  # meta records the phase
 
 
+def _one_ce_step(name, trainable, **model_args):
+  """The model state before and after `steps.train_step` with `trainable` and frozen_bn=True, as {path: array}."""
+  model = create_model(name, num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(params=0, dropout=1), **model_args)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
+  objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
+  tx = optax.sgd(0.1)
+  spec = steps.PhaseStep(
+      student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
+      trainable=trainable, frozen_bn=True, first_step=0, steps_per_epoch=1,
+      preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
+                                  evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
+                                  image_size=8))
+  trainable_params, _ = state_lib.split_trainable(params, trainable)
+  state = state_lib.init_state(params, model_state, adapter_params, tx.init((trainable_params, adapter_params)), 0, 1)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)),
+           'label': jnp.asarray(rng.integers(0, 10, (16,), dtype=np.int32))}
+  after = jax.jit(lambda s, b: steps.train_step(spec, s, None, b))(state, batch)[0]
+  flat = lambda tree: {state_lib.path_string(p): np.asarray(jax.random.key_data(v.get_value())
+                                                            if isinstance(v, nnx.RngKey) else v.get_value())
+                       for p, v in nnx.to_flat_state(tree)}
+  return flat(model_state), flat(after.model_state)
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics():
+  before, after = _one_ce_step('resnet8', '^stages/0/')
+  moved = {k for k in before if k.endswith(('/mean', '/var')) and not np.array_equal(before[k], after[k])}
+  assert moved and all(k.startswith('stages/0/') for k in moved), sorted(moved)
+
+
+def test_a_frozen_head_still_draws_a_new_dropout_mask_each_step():
+  """frozen_bn keeps statistics only: a head frozen during a phase whose loss uses the logits keeps dropping out
+  different units (its RNG counter advances)."""
+  before, after = _one_ce_step('cnn2', '^stages/', hidden=16, dropout=0.5)
+  assert after['head/dropout/rngs/count'] == before['head/dropout/rngs/count'] + 1
+
+
 def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
   cfg = tiny.get_config('stagewise')
   cfg.teacher.workdir = teacher_workdir
@@ -165,6 +203,39 @@ def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
   assert changed(after['stage0'], after['stage1'])
   assert all(k.startswith('head/') for k in changed(after['stage1'], after['classifier']))
   assert changed(after['stage1'], after['classifier'])
+
+
+def test_a_phase_trains_only_its_own_adapters(tmp_path, teacher_workdir):
+  """With weight decay, a phase's optimizer must not touch the adapters of other phases: they stay at their initial
+  values until their own phase, which is the only one that changes them."""
+  cfg = tiny.get_config('stagewise')
+  cfg.teacher.workdir = teacher_workdir
+  for name in ('stage0', 'stage1'):
+    cfg.phases[name].losses.feature.adapter = 'always'
+    cfg.phases[name].optimizer = config_lib.optimizer('sgd', learning_rate=0.1, momentum=0.9, weight_decay=5e-3)
+  cfg.checkpoint_every_steps = 1
+  cfg.keep_checkpoints = 1000
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(cfg, workdir)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
+  by_phase = {}
+  for step in manager.all_steps():
+    by_phase.setdefault(checkpoint_step_meta(workdir, step)['phase_name'], []).append(step)
+
+  def adapters_at(step):
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return ckpt_lib._flatten_raw(raw['adapter_params'])
+
+  first, end0, end1, end = (adapters_at(s) for s in (min(by_phase['stage0']), max(by_phase['stage0']),
+                                                       max(by_phase['stage1']), max(by_phase['classifier'])))
+  s0, s1 = 'maps/s0_t0/kernel', 'maps/s1_t1/kernel'
+  assert set(first) == {s0, s1}
+  np.testing.assert_array_equal(first[s1], end0[s1])  # untouched through stage0
+  assert not np.array_equal(first[s0], end0[s0])
+  np.testing.assert_array_equal(end0[s0], end1[s0])    # frozen once its phase is over
+  assert not np.array_equal(end0[s1], end1[s1])
+  np.testing.assert_array_equal(end1[s0], end[s0])
+  np.testing.assert_array_equal(end1[s1], end[s1])
 
 
 def test_kd_run_reports_agreement_with_its_teacher(tmp_path, teacher_workdir):
