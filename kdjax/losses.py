@@ -496,11 +496,15 @@ def pkt(student_emb, teacher_emb, *, eps: float = 1e-7) -> jax.Array:
 
   PKT matches the *distribution* of the data in feature space rather than the features themselves, so the two
   spaces may have different dimensions. The kernel is the cosine similarity mapped to [0, 1] by (cos + 1) / 2,
-  which, unlike a Gaussian kernel, has no bandwidth to tune. Each row j of the kernel matrix is normalised into the
-  conditional probabilities p(i | j) over the *other* examples i != j, following the paper's definition (the
-  self-similarity is always 1 and carries no information about the data distribution; implementations that keep
-  the diagonal give a slightly different value). The loss is KL(teacher || student) computed as
-  sum_i p log((p + eps) / (q + eps)), summed over i and averaged over the rows j.
+  which, unlike a Gaussian kernel, has no bandwidth to tune. Each row j of the kernel matrix is normalised into
+  probabilities p(i | j), and the loss is p log((p + eps) / (q + eps)) (teacher p, student q) averaged over all
+  N x N entries.
+
+  This is the authors' code (passalis/probabilistic_kt, also RepDistiller's PKT), not the paper's formula: the
+  code keeps the self-similarity on the diagonal and takes the elementwise mean, which is about N times smaller
+  than the paper's per-row KL. Following the code keeps published weights meaningful (RepDistiller's beta = 3e4,
+  at batch 64); like theirs, the loss's scale goes as 1/N, so a weight tuned at one batch size needs scaling at
+  another.
 
   Invariant to positive rescaling of either embedding (cosines are).
 
@@ -510,16 +514,15 @@ def pkt(student_emb, teacher_emb, *, eps: float = 1e-7) -> jax.Array:
   s = _flatten(_f32(student_emb))
   t = _flatten(_f32(teacher_emb))
   _check_same_batch('pkt', s, t)
-  off_diagonal = 1.0 - jnp.eye(s.shape[0], dtype=jnp.float32)
 
   def conditional_probabilities(x):
     x = l2_normalize(x, axis=-1)
-    kernel = (x @ x.T + 1.0) / 2.0 * off_diagonal
+    kernel = (x @ x.T + 1.0) / 2.0
     return kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-12)
 
   p_t = conditional_probabilities(t)
   p_s = conditional_probabilities(s)
-  return jnp.mean(jnp.sum(p_t * jnp.log((p_t + eps) / (p_s + eps)), axis=-1))
+  return jnp.mean(p_t * jnp.log((p_t + eps) / (p_s + eps)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -410,23 +410,33 @@ def test_rkd_angle_hand_case():
 
 
 def _np_pkt(s, t, eps=1e-7):
+  """The authors' code (passalis/probabilistic_kt `cosine_similarity_loss`), in NumPy."""
   def cond(x):
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     k = (x @ x.T + 1) / 2
-    np.fill_diagonal(k, 0.0)
     return k / k.sum(axis=1, keepdims=True)
 
   p, q = cond(t), cond(s)
-  return np.mean(np.sum(p * np.log((p + eps) / (q + eps)), axis=1))
+  return np.mean(p * np.log((p + eps) / (q + eps)))
 
 
 def test_pkt_hand_case():
-  # Student: three orthogonal unit vectors -> kernel 1/2 off the diagonal -> every row uniform [1/2, 1/2].
-  # Teacher: e1, e1, e2 -> kernel row 0 = [_, 1, 1/2] -> [2/3, 1/3]; row 1 the same; row 2 = [1/2, 1/2].
+  # Student: three orthogonal unit vectors -> kernel rows [1, 1/2, 1/2] -> [1/2, 1/4, 1/4] (and permutations).
+  # Teacher: e1, e1, e2 -> kernel rows [1, 1, 1/2] (twice) -> [0.4, 0.4, 0.2], and [1/2, 1/2, 1] -> [1/4, 1/4, 1/2].
   s = np.eye(3, dtype=np.float32)
   t = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
-  row = (2 / 3) * math.log((2 / 3) / 0.5) + (1 / 3) * math.log((1 / 3) / 0.5)
-  np.testing.assert_allclose(L.pkt(s, t), 2 * row / 3, rtol=1e-4)
+  # Row 0 against the student's [1/2, 1/4, 1/4]; row 1 is its mirror image; row 2 equals the student's row 2.
+  row0 = 0.4 * math.log(0.4 / 0.5) + 0.4 * math.log(0.4 / 0.25) + 0.2 * math.log(0.2 / 0.25)
+  np.testing.assert_allclose(L.pkt(s, t), 2 * row0 / 9, rtol=1e-4)  # the mean of all 9 entries
+
+
+def test_pkt_is_the_elementwise_mean_so_it_goes_as_one_over_the_batch():
+  """The batch repeated 4 times leaves every row's KL unchanged (each probability is split over 4 copies) and
+  spreads it over 4x the entries per row: the authors' elementwise mean gives a quarter of the loss (a per-row KL
+  would give the same loss)."""
+  s, t = _normal(8, 5, seed=28), _normal(8, 9, seed=29)
+  small, big = float(L.pkt(s, t)), float(L.pkt(np.tile(s, (4, 1)), np.tile(t, (4, 1))))
+  np.testing.assert_allclose(big, small / 4, rtol=1e-3)
 
 
 def test_pkt_matches_numpy_reference():
