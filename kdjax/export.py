@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx, serialization
 from PIL import Image
 
+from kdjax.data import images as decoding
 from kdjax.errors import UserError
 from kdjax.models import create_model
 
@@ -70,14 +71,17 @@ class Predictor:
     return np.asarray(self._forward(jnp.asarray(images)))
 
   def read_image(self, path: str) -> np.ndarray:
-    height, width, channels = self.spec['image_shape']
+    """One file as the model's (H, W, C) uint8 input, decoded as the training data was (`kdjax.data.images`)."""
+    size, _, channels = self.spec['image_shape']
     try:
       with Image.open(path) as image:
-        image = image.convert('L' if channels == 1 else 'RGB').resize((width, height), Image.BICUBIC)
-        array = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError) as error:
+        image.load()
+        if channels == 1 and image.mode not in decoding.GRAY_MODES:
+          image = image.convert('L')
+        array = decoding.to_array(image, size)
+    except decoding.DECODE_ERRORS as error:
       raise UserError(f'cannot read image {path} ({error}); pass image files (jpg, png, ...)') from None
-    return array[..., None] if array.ndim == 2 else array
+    return np.repeat(array, channels, axis=-1) if array.shape[-1] != channels else array
 
   def predict_files(self, paths) -> list[dict]:
     probabilities = self.predict_arrays(np.stack([self.read_image(p) for p in paths]))

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from kdjax.data import loader, sources
+from kdjax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -30,6 +31,18 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def same_channels(*splits):
+  """The splits (None ones passed through) with the channel count of the most colourful one.
+
+  Each split decodes to C=1 when none of its files has colour, so a grayscale training split may meet an RGB test
+  image or the other way round. A C=1 split among C=3 ones repeats its channel, as torchvision's
+  `convert('RGB')` does, so one model input shape fits every split.
+  """
+  channels = max(s.images.shape[-1] for s in splits if s is not None)
+  return tuple(s if s is None or s.images.shape[-1] == channels else
+               dataclasses.replace(s, images=np.repeat(s.images, channels, axis=-1)) for s in splits)
+
+
 def load(data_cfg, mesh) -> RunData:
   kwargs = dict(image_size=data_cfg.image_size or None, cache_dir=data_cfg.cache_dir or None,
                 data_dir=data_cfg.data_dir or None, on_corrupt=data_cfg.on_corrupt)
@@ -37,6 +50,11 @@ def load(data_cfg, mesh) -> RunData:
   train = sources.load_split(dataset, data_cfg.train_split, **kwargs)
   evaluation = sources.load_split(dataset, data_cfg.eval_split, **kwargs)
   heldout = sources.load_split(dataset, data_cfg.heldout_split, **kwargs) if data_cfg.heldout_split else None
+  train, evaluation, heldout = same_channels(train, evaluation, heldout)
+  height, width = train.images.shape[1:3]
+  if height != width:
+    raise UserError(f'the images of {data_cfg.dataset} are {width}x{height}, not square; set data.image_size=N to '
+                    'resize them to NxN')
   mean, std = channel_stats(train.images) if data_cfg.normalize else ((0.0,) * train.images.shape[-1],
                                                                       (1.0,) * train.images.shape[-1])
   place = lambda split: loader.ResidentDataset.from_arrays(split.images, split.labels, mesh)

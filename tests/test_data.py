@@ -8,9 +8,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from kdjax import config as config_lib
+from kdjax import mesh as mesh_lib
+from kdjax import run_data
 from kdjax.data import archive
 from kdjax.data import cache
 from kdjax.data import compact
+from kdjax.data import images as images_lib
 from kdjax.data import load_split
 from kdjax.data import sources
 from kdjax.data.splits import parse_split
@@ -185,6 +189,48 @@ def test_grayscale_gives_one_channel_and_mixed_trees_give_rgb(tmp_path, cache_di
   assert is_color.sum() == 1
   grays = mixed.images[~is_color]
   np.testing.assert_array_equal(grays[..., 0], grays[..., 1])
+
+
+def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path, cache_dir):
+  """16-bit PNGs keep their contrast (x / 257, where Pillow's convert('L') clips everything above 255 to white);
+  float images, which have no fixed range, are unreadable with the usual on_corrupt choice."""
+  root = make_tree(tmp_path / 'deep', channels=1)
+  deep = os.path.join(root, 'train', 'cat', 'deep.png')
+  Image.fromarray(np.tile(np.array([0, 257, 32768, 65535], np.uint16), (8, 2))).save(deep)
+  assert Image.open(deep).mode.startswith('I')
+  np.testing.assert_array_equal(images_lib.decode_file(deep, None)[0, :4, 0], [0, 1, 128, 255])
+  assert load_split(root, 'train', cache_dir=cache_dir).images.shape[1:] == (8, 8, 1)
+  Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(os.path.join(root, 'train', 'dog', 'float.tif'))
+  with pytest.raises(UserError, match='float.tif .*float image.*on_corrupt=skip'):
+    load_split(root, 'train', cache_dir=cache_dir)
+
+
+def test_splits_of_different_channel_counts_share_the_model_input(tmp_path, cache_dir):
+  """A grayscale training split with one RGB test image: every split gets 3 channels (gray repeated), so the model
+  built from the training split's shape also fits the test split."""
+  root = make_tree(tmp_path / 'gray', channels=1)
+  _write(os.path.join(root, 'test', 'cat', 'color.png'), np.full((8, 8, 3), (10, 20, 30), np.uint8), '.png')
+  cfg = config_lib.base_config().data
+  cfg.dataset, cfg.cache_dir, cfg.eval_split = root, cache_dir, 'test'
+  data = run_data.load(cfg, mesh_lib.make_data_mesh())
+  assert data.image_shape == (8, 8, 3)
+  assert data.train.images.shape[-1] == data.eval.images.shape[-1] == 3
+  train = np.asarray(data.train.images)
+  np.testing.assert_array_equal(train[..., 0], train[..., 2])
+  assert len(data.mean) == 3
+
+
+def test_non_square_images_need_image_size(tmp_path, cache_dir):
+  root = str(tmp_path / 'wide')
+  for split in ('train', 'test'):
+    for name in CLASSES:
+      _write(os.path.join(root, split, name, '0.png'), np.zeros((8, 12, 3), np.uint8), '.png')
+  cfg = config_lib.base_config().data
+  cfg.dataset, cfg.cache_dir, cfg.eval_split = root, cache_dir, 'test'
+  with pytest.raises(UserError, match='12x8, not square; set data.image_size'):
+    run_data.load(cfg, mesh_lib.make_data_mesh())
+  cfg.image_size = 8
+  assert run_data.load(cfg, mesh_lib.make_data_mesh()).image_shape == (8, 8, 3)
 
 
 def test_missing_paths_are_user_errors(tmp_path, cache_dir):

@@ -36,3 +36,19 @@ def test_export_eval_predict_round_trip(tmp_path, teacher_workdir):
   predictions = json.loads(proc.stdout.strip().splitlines()[-1])['predict']
   assert [p['label'] for p in predictions] == [digits.class_names[int(k)] for k in reference[:3].argmax(-1)]
   assert all(abs(sum(p['probabilities'].values()) - 1) < 1e-4 for p in predictions)
+
+
+def test_predict_reads_files_as_training_decoded_them(tmp_path, teacher_workdir):
+  """A colour file for a grayscale model becomes luma; a 16-bit file is scaled to 8 bits, not clipped to white."""
+  predictor = export.Predictor.load(teacher_workdir)
+  height, width, channels = predictor.spec['image_shape']
+  gray8 = np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)
+  Image.fromarray(gray8).save(tmp_path / 'gray8.png')
+  Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / 'gray16.png')  # 8 bits -> 16: x * 257
+  Image.fromarray(np.stack([gray8] * 3, axis=-1)).save(tmp_path / 'rgb.png')
+  assert channels == 1
+  reference = predictor.read_image(str(tmp_path / 'gray8.png'))
+  assert reference.shape == (height, width, 1)
+  np.testing.assert_array_equal(reference[..., 0], gray8)
+  np.testing.assert_array_equal(predictor.read_image(str(tmp_path / 'gray16.png')), reference)
+  np.testing.assert_array_equal(predictor.read_image(str(tmp_path / 'rgb.png')), reference)

@@ -20,7 +20,10 @@ IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', 
 ON_CORRUPT_CHOICES = ('error', 'skip')
 
 # Pillow modes that hold one channel of intensity; they decode to C=1, every other mode to RGB.
-_GRAY_MODES = frozenset({'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F'})
+GRAY_MODES = frozenset({'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F'})
+# 16-bit intensity (Pillow opens 16-bit PNG/TIFF as one of these): scaled to 8 bits, where convert('L') would clip
+# everything above 255 to white.
+_16_BIT_MODES = frozenset({'I', 'I;16', 'I;16B', 'I;16L'})
 _CHUNK = 64  # Images decoded per thread-pool task.
 # What Pillow raises for a truncated, unknown or hostile file.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -52,7 +55,12 @@ def corrupt_error(what: str, reason: object) -> UserError:
 
 def to_array(image: Image.Image, image_size: int | None) -> np.ndarray:
   """Converts a Pillow image to (H, W, C) uint8, C=1 for grayscale modes and 3 otherwise, resized if asked."""
-  mode = 'L' if image.mode in _GRAY_MODES else 'RGB'
+  if image.mode == 'F':  # no fixed range to map to 8 bits: [0, 1]? [0, 255]? raw sensor values?
+    raise ValueError('32-bit float image; convert it to 8- or 16-bit integers')
+  if image.mode in _16_BIT_MODES:
+    wide = np.asarray(image).astype(np.int64)
+    image = Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8), mode='L')
+  mode = 'L' if image.mode in GRAY_MODES else 'RGB'
   if image.mode != mode:
     image = image.convert(mode)
   if image_size is not None and image.size != (image_size, image_size):
