@@ -135,7 +135,8 @@ def _match(cfg, workdir, batch_size=500):
   student = export.Predictor.load(workdir)
   spec = student.spec
   teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),
-                                     image_shape=tuple(spec['image_shape']), dtype=jnp.float32)
+                                     image_shape=tuple(spec['image_shape']), dtype=jnp.float32,
+                                     mean=spec['mean'], std=spec['std'])
   split = _eval_split(cfg)
   batches = ((student.normalize(jnp.asarray(split.images[i:i + batch_size])), split.labels[i:i + batch_size])
              for i in range(0, len(split.labels), batch_size))

@@ -4,10 +4,16 @@
 rebuilt from what that run recorded, so ensemble members may differ in architecture, and filled from its own best
 checkpoint. Several members become one `kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits,
 features = the first member's), so the trainer sees one model either way and nothing downstream changes.
+
+A teacher gets its inputs normalised as in its own training: the student's pipeline normalises with the student
+run's statistics, and `InputRenormalized` maps them to the teacher's recorded ones (an imported ImageNet model's,
+or those of a teacher trained on another split) when they differ.
 """
 import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kdjax import checkpoint as ckpt_lib
@@ -73,11 +79,72 @@ def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, 
   return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
 
 
-def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int], dtype) -> nnx.Module:
-  """The teacher with its trained variables: the run's model, or the `Ensemble` of the listed runs' models."""
+def recorded_normalization(workdir: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(mean, std) per channel that the model in `workdir` was trained with, on [0, 1] pixels: data.json of a
+  training run, config.json's `normalization` of an import; None when the run records none."""
+  record = _read_json(os.path.join(workdir, export.DATA_FILE)) or _read_json(
+      os.path.join(workdir, 'config.json')).get('normalization') or {}
+  if 'mean' not in record:
+    return None
+  return tuple(map(float, record['mean'])), tuple(map(float, record['std']))
+
+
+def _teacher_normalization(workdirs: list[str]):
+  """The normalisation the teacher's members share, or None when none is recorded; members that differ stop."""
+  recorded = {workdir: found for workdir in workdirs if (found := recorded_normalization(workdir)) is not None}
+  values = list(recorded.values())
+  if any(not np.allclose(np.ravel(v), np.ravel(values[0]), atol=1e-4) for v in values[1:]):
+    listing = '; '.join(f'{workdir}: mean {m}, std {s}' for workdir, (m, s) in recorded.items())
+    raise UserError(f'the teacher ensemble members were trained with different input normalisations ({listing}); '
+                    'list teacher runs trained on the same data in --config.teacher.workdir')
+  return values[0] if values else None
+
+
+class InputRenormalized(nnx.Module):
+  """A teacher fed the student's normalised images, re-expressed in its own normalisation.
+
+  x_student = (p - m_s) / s_s for pixels p in [0, 1]; the teacher wants (p - m_t) / s_t = x_student * s_s / s_t +
+  (m_s - m_t) / s_t: one per-channel affine map, fused into the step.
+  """
+
+  def __init__(self, model: nnx.Module, scale: tuple[float, ...], shift: tuple[float, ...]):
+    self.model, self.scale, self.shift = model, scale, shift
+
+  @property
+  def stage_channels(self):
+    return self.model.stage_channels
+
+  @property
+  def head(self):
+    return getattr(self.model, 'head', None)
+
+  def __call__(self, x, *, train: bool = False):
+    mapped = x.astype(jnp.float32) * jnp.asarray(self.scale) + jnp.asarray(self.shift)
+    return self.model(mapped.astype(x.dtype), train=train)
+
+
+def renormalized(model: nnx.Module, recorded, mean, std) -> nnx.Module:
+  """`model` fed inputs normalised with (mean, std) when it was trained with `recorded` (None: as given)."""
+  if recorded is None:
+    return model
+  teacher_mean, teacher_std = map(np.asarray, recorded)
+  mean, std = np.asarray(mean), np.asarray(std)
+  if teacher_mean.shape != mean.shape:
+    raise UserError(f'the teacher was trained on {teacher_mean.size}-channel images, the data has {mean.size} '
+                    'channels; distil on data of the kind the teacher saw')
+  scale, shift = std / teacher_std, (mean - teacher_mean) / teacher_std
+  if np.allclose(scale, 1.0, rtol=0, atol=1e-6) and np.allclose(shift, 0.0, rtol=0, atol=1e-6):
+    return model
+  return InputRenormalized(model, tuple(map(float, scale)), tuple(map(float, shift)))
+
+
+def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int], dtype, mean, std) -> nnx.Module:
+  """The teacher with its trained variables (the run's model, or the `Ensemble` of the listed runs' models), fed
+  inputs that the data pipeline normalised with (mean, std)."""
   workdirs = config_lib.teacher_workdirs(cfg)
   architectures = [teacher_architecture(cfg, workdir) for workdir in workdirs]
   _check_members(cfg, workdirs, [name for name, _ in architectures])
   members = [_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape, dtype=dtype)
              for workdir, (name, kwargs) in zip(workdirs, architectures)]
-  return members[0] if len(members) == 1 else Ensemble(members)
+  model = members[0] if len(members) == 1 else Ensemble(members)
+  return renormalized(model, _teacher_normalization(workdirs), mean, std)

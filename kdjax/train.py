@@ -100,7 +100,8 @@ def load_teacher(cfg, data: run_data.RunData, dtype, mesh):
   """
   if not config_lib.uses_teacher(cfg):
     return None, None, ()
-  model = teachers.restore_teacher(cfg, num_classes=data.num_classes, image_shape=data.image_shape, dtype=dtype)
+  model = teachers.restore_teacher(cfg, num_classes=data.num_classes, image_shape=data.image_shape, dtype=dtype,
+                                   mean=data.mean, std=data.std)
   graphdef, variables = nnx.split(model)
   return steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh), tuple(model.stage_channels)
 

@@ -19,7 +19,9 @@ from kdjax.models import create_model
 from tests.conftest import TINY, run_main
 from tests.tiny_configs import tiny
 
-DIGITS = types.SimpleNamespace(num_classes=10, image_shape=(8, 8, 1))
+# The data a student run would hand `load_teacher`; mean 0 and std 1 (no normalisation) so that tests can feed the
+# teacher plain [0, 1] pixels: every teacher here is then fed through `InputRenormalized`.
+DIGITS = types.SimpleNamespace(num_classes=10, image_shape=(8, 8, 1), mean=(0.0,), std=(1.0,))
 
 
 @pytest.fixture(scope='module')
@@ -33,10 +35,13 @@ def cnn2_teacher(tmp_path_factory):
   return workdir
 
 
-def _imported(workdir, num_classes):
-  """A run as `kdjax.interop.torch_import` writes it: a default cnn2 with `num_classes` outputs."""
+def _imported(workdir, num_classes, like):
+  """A run as `kdjax.interop.torch_import` writes it: a default cnn2 with `num_classes` outputs, recording the input
+  normalisation of the run `like`."""
   model = create_model('cnn2', num_classes=num_classes, image_shape=(8, 8, 1), rngs=nnx.Rngs(5))
-  return save_as_teacher_run(model, str(workdir), model_name='cnn2', source='test')
+  mean, std = teachers.recorded_normalization(like)
+  return save_as_teacher_run(model, str(workdir), model_name='cnn2', source='test',
+                             normalization=dict(mean=mean, std=std))
 
 
 def _teacher(workdirs, name='cnn3'):
@@ -79,7 +84,7 @@ def test_missing_member_is_named(tmp_path, teacher_workdir):
 
 
 def test_members_with_other_class_counts_are_refused(tmp_path, teacher_workdir):
-  five = _imported(tmp_path / 'five_classes', num_classes=5)
+  five = _imported(tmp_path / 'five_classes', num_classes=5, like=teacher_workdir)
   with pytest.raises(UserError, match=f'different numbers of classes \\({teacher_workdir}: 10, {five}: 5\\)'):
     _teacher([teacher_workdir, five])
 
@@ -88,10 +93,52 @@ def test_each_member_architecture_comes_from_its_run(tmp_path, teacher_workdir):
   cfg = tiny.get_config('kd')
   cfg.teacher.name = 'mlp2'
   assert teachers.teacher_architecture(cfg, teacher_workdir) == ('cnn3', {'hidden': 16, 'dropout': 0.0})
-  imported = _imported(tmp_path / 'imported', num_classes=10)
+  imported = _imported(tmp_path / 'imported', num_classes=10, like=teacher_workdir)
   assert teachers.teacher_architecture(cfg, imported) == ('cnn2', {})  # the name the import recorded
   bare = shutil.copytree(imported, tmp_path / 'bare')
   os.remove(bare / 'config.json')
   assert teachers.teacher_architecture(cfg, str(bare)) == ('mlp2', {})  # nothing recorded: teacher.name
   logits, _ = _teacher([teacher_workdir, imported])  # a trained cnn3 and an imported cnn2 together
   assert logits.shape == (64, 10) and np.isfinite(logits).all()
+
+
+def _restore(workdirs, mean, std, name='cnn3'):
+  cfg = tiny.get_config('kd')
+  cfg.teacher.workdir = ','.join(workdirs)
+  cfg.teacher.name = name
+  return teachers.restore_teacher(cfg, num_classes=10, image_shape=(8, 8, 1), dtype=jnp.float32, mean=mean, std=std)
+
+
+def test_the_teacher_sees_inputs_normalised_as_in_its_own_training(teacher_workdir):
+  """Fed a student's inputs normalised with other statistics, the teacher gives the logits it gives on inputs
+  normalised with its own run's statistics (data.json); with the same statistics it is the bare model."""
+  mean, std = teachers.recorded_normalization(teacher_workdir)
+  bare = _restore([teacher_workdir], mean, std)
+  assert not isinstance(bare, teachers.InputRenormalized)
+  pixels = jnp.asarray(load_split('digits', 'test[:64]').images, jnp.float32) / 255.0
+  own = bare((pixels - jnp.asarray(mean)) / jnp.asarray(std), train=False)[0]
+  other_mean, other_std = (0.3,), (0.7,)
+  fed_other = _restore([teacher_workdir], other_mean, other_std)
+  assert isinstance(fed_other, teachers.InputRenormalized) and fed_other.stage_channels == bare.stage_channels
+  logits = fed_other((pixels - other_mean[0]) / other_std[0], train=False)[0]
+  np.testing.assert_allclose(logits, own, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(bare((pixels - other_mean[0]) / other_std[0], train=False)[0], own, atol=1e-3)
+
+
+def test_teacher_normalisation_mismatches_are_refused(tmp_path, teacher_workdir):
+  other = shutil.copytree(teacher_workdir, tmp_path / 'other_data')
+  with open(other / 'data.json') as f:
+    data = json.load(f)
+  data['mean'] = [m + 0.1 for m in data['mean']]
+  with open(other / 'data.json', 'w') as f:
+    json.dump(data, f)
+  with pytest.raises(UserError, match='different input normalisations'):
+    _restore([teacher_workdir, str(other)], (0.0,), (1.0,))
+  rgb = _imported(tmp_path / 'rgb', num_classes=10, like=teacher_workdir)
+  with open(os.path.join(rgb, 'config.json')) as f:
+    info = json.load(f)
+  info['normalization'] = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+  with open(os.path.join(rgb, 'config.json'), 'w') as f:
+    json.dump(info, f)
+  with pytest.raises(UserError, match='trained on 3-channel images, the data has 1'):
+    _restore([rgb], (0.0,), (1.0,), name='cnn2')

@@ -312,6 +312,10 @@ def from_torch_module(model_name: str, torch_module: Any, **kwargs) -> nnx.Modul
   return convert_state_dict(model_name, torch_module.state_dict(), **kwargs)
 
 
+# The input normalisation of torchvision's (and timm's ResNet/VGG) ImageNet weights, on [0, 1] pixels.
+IMAGENET_NORMALIZATION = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
 def save_as_teacher_run(
   module: nnx.Module,
   workdir: str,
@@ -319,13 +323,15 @@ def save_as_teacher_run(
   model_name: str,
   source: str | None = None,
   fresh_head: bool = False,
+  normalization: dict | None = None,
 ) -> str:
   """Writes `module` as a finished run in `workdir`, so a KD run can name it as `teacher.workdir`; returns the path.
 
   The checkpoint is laid out as `kdjax.checkpoint` writes a run's best one (`WORKDIR/best/0`, items `state` with
   `params` and `model_state`, and `meta`), which is what `restore_model_variables` reads. `config.json` records where
-  the weights came from, the model name and class count the KD config must use, and whether the head is untrained.
-  An existing run in `workdir` is refused rather than mixed with the import.
+  the weights came from, the model name and class count the KD config must use, whether the head is untrained, and
+  the input normalisation the weights expect (ImageNet's unless given), which a KD run maps its inputs to (see
+  `kdjax.teachers`). An existing run in `workdir` is refused rather than mixed with the import.
   """
   if any(os.path.exists(os.path.join(workdir, name)) for name in ('best', 'checkpoints', 'config.json')):
     raise UserError(f'{workdir} already holds a run; pass a new or empty workdir for the imported teacher')
@@ -333,7 +339,8 @@ def save_as_teacher_run(
   num_classes = int(module.head.fc.kernel.shape[-1])
   head = 'fresh: randomly initialised, fine-tune it before distilling logits' if fresh_head else 'imported'
   info = dict(imported_from=source, format='torchvision/timm state_dict', teacher=dict(name=model_name),
-              num_classes=num_classes, head=head, checkpoint='best/0')
+              num_classes=num_classes, head=head, checkpoint='best/0',
+              normalization={k: list(v) for k, v in (normalization or IMAGENET_NORMALIZATION).items()})
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'best')),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   try:
