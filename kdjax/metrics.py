@@ -7,10 +7,16 @@ from clu import metrics
 
 
 def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest logits (k is clipped to the class count)."""
+  """1.0 where the label is among the k highest logits (k is clipped to the class count).
+
+  Ties rank as `argmax` breaks them (the lower class first), so a model with constant logits scores the share of
+  class 0, not 100%; a row with a NaN logit is never right.
+  """
   k = min(k, logits.shape[-1])
   label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+  lower_class = jnp.arange(logits.shape[-1]) < labels[:, None]
+  ahead = (logits > label_logit) | ((logits == label_logit) & lower_class)
+  return ((jnp.sum(ahead, axis=-1) < k) & ~jnp.any(jnp.isnan(logits), axis=-1)).astype(jnp.float32)
 
 
 def collection(names) -> type[metrics.Collection]:

@@ -21,7 +21,9 @@ def _onecycle(peak, steps, steps_per_epoch, cfg):
 
 
 def _piecewise(peak, steps, steps_per_epoch, cfg):
-  boundaries = {int(round(e * steps_per_epoch)): cfg.decay_factor for e in cfg.boundaries_epochs}
+  # The boundaries are epochs of the phase; this schedule starts after the warm-up, so they move back by it.
+  warmup = warmup_steps(cfg, steps_per_epoch)
+  boundaries = {int(round(e * steps_per_epoch)) - warmup: cfg.decay_factor for e in cfg.boundaries_epochs}
   return optax.piecewise_constant_schedule(peak, boundaries)
 
 
@@ -45,9 +47,14 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+  return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
 def learning_rate_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Warm-up (linear from 0) then the named schedule over the remaining steps."""
-  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  """Warm-up (linear from 0) then the named schedule over the remaining steps (piecewise boundaries stay epochs of
+  the phase)."""
+  warmup = warmup_steps(cfg, steps_per_epoch)
   main = SCHEDULES[cfg.schedule](cfg.learning_rate, total_steps - warmup, steps_per_epoch, cfg)
   if warmup <= 0:
     return main

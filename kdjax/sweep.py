@@ -50,8 +50,21 @@ def _set(cfg, dotted: str, value) -> None:
   node[last] = value
 
 
+def axis_labels(keys) -> dict[str, str]:
+  """Each dotted key's shortest suffix that no other key shares: `temperature` alone, but `kd.temperature` and
+  `dkd.temperature` when both are axes (a cell's name and the CSV's columns must keep them apart)."""
+  keys = list(keys)
+  depth = 1
+  while True:
+    labels = {key: '.'.join(key.split('.')[-depth:]) for key in keys}
+    if len(set(labels.values())) == len(keys):
+      return labels
+    depth += 1
+
+
 def cell_name(assignment: dict) -> str:
-  return ','.join(f'{key.split(".")[-1]}={value}' for key, value in assignment.items())
+  labels = axis_labels(assignment)
+  return ','.join(f'{labels[key]}={value}' for key, value in assignment.items())
 
 
 def run_sweep(cfg, workdir: str, run_one) -> dict:
@@ -116,7 +129,8 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     best = report.mean_std([r['best_eval_top1'] for r in runs])
     last = report.mean_std([r['eval_top1'] for r in runs])
     rows.append(dict(cell=cell['cell'], seeds=len(runs), best_mean=best[0], best_std=best[1],
-                     last_mean=last[0], last_std=last[1], **{k.split('.')[-1]: v for k, v in cell['assignment'].items()}))
+                     last_mean=last[0], last_std=last[1],
+                     **{axis_labels(cell['assignment'])[k]: v for k, v in cell['assignment'].items()}))
   winner = best_cell_index(cells)
   lines = ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
   for i, row in enumerate(rows):

@@ -199,3 +199,17 @@ def test_the_best_cell_is_the_grid_choice_even_when_its_confirmation_disappoints
   assert pooled['alpha=0.7'] == pytest.approx(0.3) and pooled['alpha=0.7'] < pooled['alpha=0.5']  # (.7+.1+.1)/3
   assert results['best_cell'] == 'alpha=0.7' and results['confirmation']['best_mean'] == pytest.approx(0.1)
   assert len(results['runs']['alpha=0.7']) == 3
+
+
+def test_axes_with_the_same_last_name_keep_apart_in_cell_names_and_csv_columns(tmp_path):
+  from kdjax import sweep
+  keys = ['phases.train.losses.kd.temperature', 'phases.train.losses.dkd.temperature', 'seed_offset']
+  assert sweep.axis_labels(keys) == {keys[0]: 'kd.temperature', keys[1]: 'dkd.temperature',
+                                     keys[2]: 'seed_offset'}
+  assert sweep.cell_name({'phases.train.losses.kd.alpha': 0.5}) == 'alpha=0.5'  # unambiguous: the last name alone
+  cells = [dict(cell=sweep.cell_name({keys[0]: t, keys[1]: 2 * t}), assignment={keys[0]: t, keys[1]: 2 * t},
+                runs=[dict(best_eval_top1=0.5, eval_top1=0.5)]) for t in (1, 4)]
+  assert cells[0]['cell'] == 'kd.temperature=1,dkd.temperature=2'
+  sweep.write_sweep_results(str(tmp_path), cells)
+  rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
+  assert [(r['kd.temperature'], r['dkd.temperature']) for r in rows] == [('1', '2'), ('4', '8')]

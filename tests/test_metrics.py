@@ -1,0 +1,28 @@
+"""Top-k accuracy: ties and NaNs are not counted as right."""
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax import metrics
+
+
+def test_top_k_counts_the_label_among_the_k_highest():
+  logits = jnp.asarray([[0.1, 0.9, 0.5, 0.2], [0.8, 0.1, 0.3, 0.0]])
+  labels = jnp.asarray([2, 2])
+  np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 1), [0, 0])
+  np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 2), [1, 1])
+  np.testing.assert_array_equal(metrics.top_k_correct(logits, labels, 9), [1, 1])  # k clipped to 4 classes
+
+
+def test_constant_logits_score_as_argmax_does_not_100_percent():
+  labels = jnp.asarray([0, 1, 2, 3, 0])
+  top1 = metrics.top_k_correct(jnp.zeros((5, 4)), labels, 1)
+  np.testing.assert_array_equal(top1, [1, 0, 0, 0, 1])  # argmax of a constant row is class 0
+  np.testing.assert_array_equal(metrics.top_k_correct(jnp.zeros((5, 4)), labels, 2), [1, 1, 0, 0, 1])
+  tie = jnp.asarray([[0.0, 2.0, 2.0, 1.0]])  # classes 1 and 2 tie at the top: argmax says 1
+  assert float(metrics.top_k_correct(tie, jnp.asarray([1]), 1)[0]) == 1.0
+  assert float(metrics.top_k_correct(tie, jnp.asarray([2]), 1)[0]) == 0.0
+
+
+def test_a_row_with_nan_logits_is_never_right():
+  logits = jnp.asarray([[jnp.nan, 0.0, 0.0], [0.0, jnp.nan, 1.0], [0.0, 1.0, 0.0]])
+  np.testing.assert_array_equal(metrics.top_k_correct(logits, jnp.asarray([0, 2, 1]), 1), [0, 0, 1])
