@@ -376,3 +376,7 @@ def test_compact_copy_loads_with_the_same_layout(tmp_path, cache_dir):
   assert compact.main([str(tmp_path / 'src'), str(tmp_path / 'from-folder.tgz'), '--size', '6']) == 0
   np.testing.assert_array_equal(load_split(str(tmp_path / 'from-folder.tgz'), 'test', cache_dir=cache_dir).labels,
                                 load_split(out, 'test', cache_dir=cache_dir).labels)
+  same_stem = os.path.join(tmp_path, 'src', 'mydata', 'train', CLASSES[0], '00.jpg')  # next to 00.png
+  _write(same_stem, np.zeros((12, 12, 3), np.uint8), '.jpg')
+  assert compact.main([str(tmp_path / 'src'), str(tmp_path / 'same-stem.tgz'), '--size', '6']) == 0
+  assert len(load_split(str(tmp_path / 'same-stem.tgz'), 'train', cache_dir=cache_dir)) == len(CLASSES) * PER_CLASS + 1

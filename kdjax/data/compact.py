@@ -70,8 +70,8 @@ def shrink(data: bytes, size: int, quality: int) -> bytes:
 
 
 def _jpeg_name(name: str) -> str:
-  stem, ext = os.path.splitext(name)
-  return name if ext.lower() in ('.jpg', '.jpeg') else stem + '.jpg'
+  """`a.png` -> `a.png.jpg`: keeping the old extension keeps `a.png` and `a.jpg` of one folder apart."""
+  return name if os.path.splitext(name)[1].lower() in ('.jpg', '.jpeg') else name + '.jpg'
 
 
 def _batches(members):
