@@ -106,6 +106,24 @@ def run_spec(workdir: str) -> dict:
               compute_dtype=config.get('compute_dtype', 'float32'), **data)
 
 
+def recorded_normalization(workdir: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+  """(mean, std) per channel that the model in `workdir` was trained with, on [0, 1] pixels: data.json of a
+  training run, config.json's `normalization` of an import; None when the run records none."""
+  record = read_json(os.path.join(workdir, DATA_FILE)) or read_json(
+      os.path.join(workdir, 'config.json')).get('normalization') or {}
+  if 'mean' not in record:
+    return None
+  return tuple(map(float, record['mean'])), tuple(map(float, record['std']))
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in `path`, or {} when there is no such file."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def _build(spec: dict) -> nnx.Module:
   return create_model(spec['model'], num_classes=len(spec['class_names']), image_shape=tuple(spec['image_shape']),
                       rngs=nnx.Rngs(0), **spec['model_kwargs'])

@@ -9,7 +9,6 @@ A teacher gets its inputs normalised as in its own training: the student's pipel
 run's statistics, and `InputRenormalized` maps them to the teacher's recorded ones (an imported ImageNet model's,
 or those of a teacher trained on another split) when they differ.
 """
-import json
 import os
 
 import jax.numpy as jnp
@@ -24,20 +23,13 @@ from kdjax.models import create_model
 from kdjax.models.ensemble import Ensemble
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
 def teacher_architecture(cfg, workdir: str) -> tuple[str, dict]:
   """(model name, constructor arguments) of the model trained in `workdir`, as that run recorded them.
 
   A training run records its model as `student` in config.json; an import (`kdjax.interop.torch_import`) records
   only a name, as `teacher`; a run that records neither (no config.json) is `teacher.name` with default arguments.
   """
-  record = _read_json(os.path.join(workdir, 'config.json'))
+  record = export.read_json(os.path.join(workdir, 'config.json'))
   if 'student' in record:
     trained = dict(record['student'])
   elif 'imported_from' in record:
@@ -49,10 +41,10 @@ def teacher_architecture(cfg, workdir: str) -> tuple[str, dict]:
 
 def _recorded_classes(workdir: str) -> int | None:
   """How many classes the run in `workdir` learnt: data.json of a training run, config.json of an import."""
-  data = _read_json(os.path.join(workdir, export.DATA_FILE))
+  data = export.read_json(os.path.join(workdir, export.DATA_FILE))
   if data:
     return len(data['class_names'])
-  return _read_json(os.path.join(workdir, 'config.json')).get('num_classes')
+  return export.read_json(os.path.join(workdir, 'config.json')).get('num_classes')
 
 
 def _check_members(cfg, workdirs: list[str], names: list[str]) -> None:
@@ -79,19 +71,10 @@ def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, 
   return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
 
 
-def recorded_normalization(workdir: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-  """(mean, std) per channel that the model in `workdir` was trained with, on [0, 1] pixels: data.json of a
-  training run, config.json's `normalization` of an import; None when the run records none."""
-  record = _read_json(os.path.join(workdir, export.DATA_FILE)) or _read_json(
-      os.path.join(workdir, 'config.json')).get('normalization') or {}
-  if 'mean' not in record:
-    return None
-  return tuple(map(float, record['mean'])), tuple(map(float, record['std']))
-
-
 def _teacher_normalization(workdirs: list[str]):
   """The normalisation the teacher's members share, or None when none is recorded; members that differ stop."""
-  recorded = {workdir: found for workdir in workdirs if (found := recorded_normalization(workdir)) is not None}
+  recorded = {workdir: found for workdir in workdirs
+              if (found := export.recorded_normalization(workdir)) is not None}
   values = list(recorded.values())
   if any(not np.allclose(np.ravel(v), np.ravel(values[0]), atol=1e-4) for v in values[1:]):
     listing = '; '.join(f'{workdir}: mean {m}, std {s}' for workdir, (m, s) in recorded.items())

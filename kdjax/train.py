@@ -157,12 +157,23 @@ class Run:
     return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
+def _normalized_as_init(cfg, data: run_data.RunData) -> run_data.RunData:
+  """A run that starts from another run's weights (`init.workdir`) normalises its inputs as that run did: the
+  weights were trained on inputs of that scale (ImageNet's mean and std for an imported torchvision model), which
+  is what fine-tuning recipes do. Without `data.normalize`, or a record of the same channel count, nothing changes."""
+  recorded = export.recorded_normalization(cfg.init.workdir) if cfg.init.workdir and cfg.data.normalize else None
+  if recorded is None or len(recorded[0]) != len(data.mean):
+    return data
+  logging.info('normalising inputs as %s did: mean %s, std %s', cfg.init.workdir, *recorded)
+  return dataclasses.replace(data, mean=recorded[0], std=recorded[1])
+
+
 def build_run(cfg, workdir: str) -> Run:
   """Validate, load the data and the teacher, create (or initialise from `init.workdir`) the student."""
   mesh = mesh_lib.make_data_mesh()
   config_lib.validate(cfg, jax.device_count())
   _check_workdir(cfg, workdir)
-  data = run_data.load(cfg.data, mesh)
+  data = _normalized_as_init(cfg, run_data.load(cfg.data, mesh))
   if jax.process_index() == 0:
     report.write_json(os.path.join(workdir, export.DATA_FILE), dict(
         class_names=list(data.class_names), image_shape=list(data.image_shape), mean=list(data.mean),

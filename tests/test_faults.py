@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from kdjax import config as config_lib
+from kdjax import export
+from kdjax import run_data
 from kdjax import train
+from kdjax.data import load_split
 from kdjax.errors import UserError
 from tests.tiny_configs import tiny
 from tests.test_train import final_variables
@@ -98,6 +101,10 @@ def test_fine_tune_from_a_finished_run_on_other_classes(tmp_path, teacher_workdi
   cfg.phases.train.epochs = 1
   summary = train.train_and_evaluate(cfg, str(tmp_path / 'finetune'))
   assert summary['eval_top1'] > 0.5  # from an 85%-ish teacher, one epoch of fine-tuning stays well above chance
+  # Its inputs are normalised as the run it starts from (trained on the other half) normalised them.
+  assert export.recorded_normalization(str(tmp_path / 'finetune')) == export.recorded_normalization(teacher_workdir)
+  assert run_data.channel_stats(load_split('digits', 'train[50%:]').images) != export.recorded_normalization(
+      teacher_workdir)
   cfg.init.keep_fresh = ''
   cfg.student.hidden = 24
   with pytest.raises(train.UserError, match='init checkpoint .* does not fit'):

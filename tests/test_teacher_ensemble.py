@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kdjax import export
 from kdjax import mesh as mesh_lib
 from kdjax import teachers
 from kdjax import train
@@ -39,7 +40,7 @@ def _imported(workdir, num_classes, like):
   """A run as `kdjax.interop.torch_import` writes it: a default cnn2 with `num_classes` outputs, recording the input
   normalisation of the run `like`."""
   model = create_model('cnn2', num_classes=num_classes, image_shape=(8, 8, 1), rngs=nnx.Rngs(5))
-  mean, std = teachers.recorded_normalization(like)
+  mean, std = export.recorded_normalization(like)
   return save_as_teacher_run(model, str(workdir), model_name='cnn2', source='test',
                              normalization=dict(mean=mean, std=std))
 
@@ -112,7 +113,7 @@ def _restore(workdirs, mean, std, name='cnn3'):
 def test_the_teacher_sees_inputs_normalised_as_in_its_own_training(teacher_workdir):
   """Fed a student's inputs normalised with other statistics, the teacher gives the logits it gives on inputs
   normalised with its own run's statistics (data.json); with the same statistics it is the bare model."""
-  mean, std = teachers.recorded_normalization(teacher_workdir)
+  mean, std = export.recorded_normalization(teacher_workdir)
   bare = _restore([teacher_workdir], mean, std)
   assert not isinstance(bare, teachers.InputRenormalized)
   pixels = jnp.asarray(load_split('digits', 'test[:64]').images, jnp.float32) / 255.0

@@ -20,7 +20,7 @@ from flax import nnx
 torch = pytest.importorskip('torch')
 nn = torch.nn
 
-from kdjax import teachers  # noqa: E402
+from kdjax import export  # noqa: E402
 from kdjax.checkpoint import restore_model_variables  # noqa: E402
 from kdjax.errors import UserError  # noqa: E402
 from kdjax.interop import torch_import  # noqa: E402
@@ -302,7 +302,7 @@ def test_save_as_teacher_run_round_trip(tmp_path):
     info = json.load(f)
   assert info['teacher']['name'] == 'resnet18' and info['num_classes'] == NUM_CLASSES and info['head'] == 'imported'
   assert info['normalization'] == dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # ImageNet's
-  assert teachers.recorded_normalization(workdir) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  assert export.recorded_normalization(workdir) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
   # What kdjax.train.load_teacher does: a fresh model (other seed, other image size), filled from the run.
   fresh = create_model('resnet18', num_classes=NUM_CLASSES, image_shape=(32, 32, 3), rngs=nnx.Rngs(1))
