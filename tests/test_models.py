@@ -19,7 +19,7 @@ from kdjax.models import registry
 
 NUM_CLASSES = 10
 
-_IMAGENET_FEATURES = ((16, 16), (16, 16), (8, 8), (4, 4), (2, 2))  # 64x64 input: stem /4, then /1 /2 /2 /2
+_IMAGENET_FEATURES = ((32, 32), (16, 16), (8, 8), (4, 4), (2, 2))  # 64x64 input: stem /2, then /2 /2 /2 /2
 _CIFAR_FEATURES = ((32, 32), (32, 32), (16, 16), (8, 8), (4, 4))  # 32x32 input: stem /1, then /1 /2 /2 /2
 _VGG_FEATURES = ((16, 16), (8, 8), (4, 4), (2, 2), (1, 1))  # 32x32 input, pool after every stage
 

@@ -182,7 +182,8 @@ def _images(size):
 
 
 def _torch_stage_outputs(name, net, x):
-  """Each stage's output, where kdjax takes its features: ResNet stem (after max-pool) and layer1..4, VGG pools."""
+  """Each stage's output, where kdjax takes its features: ResNet stem (its ReLU, before the max-pool) and layer1..4,
+  VGG pools."""
   if name.startswith('vgg'):
     outputs = []
     for layer in net.features:
@@ -190,8 +191,9 @@ def _torch_stage_outputs(name, net, x):
       if isinstance(layer, nn.MaxPool2d):
         outputs.append(x)
     return outputs
-  x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+  x = net.relu(net.bn1(net.conv1(x)))
   outputs = [x]
+  x = net.maxpool(x)
   for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
     x = stage(x)
     outputs.append(x)

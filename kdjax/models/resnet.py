@@ -5,8 +5,10 @@ one `register_model` line. Stages: `stages[0]` is the stem and `stages[1..4]` ar
 a model has five features. Parameter names follow torchvision where it has them (`conv1`, `bn1`, ...,
 `downsample_conv`, `downsample_bn`, stem `conv`/`bn`, head `fc`) to keep a state_dict converter a rename table.
 
-Feature sizes for an H x W input (ImageNet stem): stem H/4 (conv /2 then max-pool /2), layer1 H/4, layer2 H/8,
-layer3 H/16, layer4 H/32. With the CIFAR stem: H, H, H/2, H/4, H/8.
+Feature sizes for an H x W input (ImageNet stem): stem H/2, layer1 H/4, layer2 H/8, layer3 H/16, layer4 H/32.
+The stem's feature is its ReLU output, before torchvision's 3x3/2 max-pool, which opens layer1 here: so the five
+features have distinct shapes, and the stem's is the map that stage-wise distillation's reference code hooks
+(the post-pool map would repeat layer1's shape). With the CIFAR stem (no pool): H, H, H/2, H/4, H/8.
 """
 
 import functools
@@ -87,7 +89,8 @@ class Bottleneck(_Shortcut):
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
-# kernel, stride, whether a 3x3/2 max-pool follows. 'cifar' keeps full resolution for 32x32 inputs.
+# kernel, stride, whether a 3x3/2 max-pool follows (applied at the start of layer1). 'cifar' keeps full resolution
+# for 32x32 inputs.
 STEMS = {
   'imagenet': dict(kernel=7, stride=2, pool=True),
   'cifar': dict(kernel=3, stride=1, pool=False),
@@ -95,31 +98,33 @@ STEMS = {
 
 
 class Stem(nnx.Module):
-  """conv -> BN -> ReLU [-> max-pool 3x3/2]; stage 0 of a ResNet."""
+  """conv -> BN -> ReLU; stage 0 of a ResNet (the ImageNet stem's max-pool opens layer1, see the module doc)."""
 
   def __init__(self, in_ch: int, out_ch: int, *, kind: str, dtype: Any, rngs: nnx.Rngs):
     spec = STEMS[kind]
     self.conv = conv(in_ch, out_ch, spec['kernel'], stride=spec['stride'], dtype=dtype, rngs=rngs)
     self.bn = batch_norm(out_ch, dtype=dtype, rngs=rngs)
-    self.pool = spec['pool']
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = nnx.relu(self.bn(self.conv(x), use_running_average=not train))
-    return max_pool(x, 3, 2, pad=1) if self.pool else x
+    return nnx.relu(self.bn(self.conv(x), use_running_average=not train))
 
 
 class ResNetStage(nnx.Module):
-  """A run of blocks; only the first one may change stride/width (torchvision's `layerN`)."""
+  """A run of blocks; only the first one may change stride/width (torchvision's `layerN`). `pool_input`: the
+  ImageNet stem's 3x3/2 max-pool, applied first (layer1 only)."""
 
   def __init__(self, block_cls: type, in_ch: int, width: int, count: int, *, stride: int, skip: bool, dtype: Any,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, pool_input: bool = False):
     blocks = []
     for i in range(count):
       blocks.append(block_cls(in_ch, width, stride=stride if i == 0 else 1, skip=skip, dtype=dtype, rngs=rngs))
       in_ch = width * block_cls.expansion
     self.blocks = nnx.List(blocks)
+    self.pool_input = pool_input
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    if self.pool_input:
+      x = max_pool(x, 3, 2, pad=1)
     for block in self.blocks:
       x = block(x, train=train)
     return x
@@ -166,7 +171,7 @@ class ResNet(StagedClassifier):
     channels = [stem_width]
     for i, (count, width) in enumerate(zip(block_counts, widths)):
       stages.append(ResNetStage(block_cls, channels[-1], width, count, stride=1 if i == 0 else 2, skip=skip,
-                                dtype=dtype, rngs=rngs))
+                                dtype=dtype, rngs=rngs, pool_input=i == 0 and STEMS[stem]['pool']))
       channels.append(width * block_cls.expansion)
     self.stages = nnx.List(stages)
     self.head = ClassifierHead(channels[-1], num_classes, pool='avg', dropout=dropout, dtype=dtype, rngs=rngs)
@@ -183,7 +188,7 @@ register_model('resnet18_cifar', functools.partial(ResNet, **_R18, stem='cifar')
 register_model('resnet34_cifar', functools.partial(ResNet, **_R34, stem='cifar'))
 register_model('resnet50', functools.partial(ResNet, block='bottleneck', block_counts=(3, 4, 6, 3)))
 
-# Students for stage-wise distillation from resnet34: same five stage boundaries and spatial sizes (H/4, H/4, H/8,
+# Students for stage-wise distillation from resnet34: same five stage boundaries and spatial sizes (H/2, H/4, H/8,
 # H/16, H/32 with the ImageNet stem), so each student feature lines up with a teacher feature through a 1x1 adapter.
 #   resnet34_medium: 3/4 width, blocks [2,2,3,2], 64-channel stem like the teacher (stem feature needs no adapter);
 #     about 1/3 of resnet34's parameters.
