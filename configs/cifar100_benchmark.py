@@ -3,8 +3,8 @@
 SGD lr 0.05, batch 64, 240 epochs, x0.1 at epochs 150/180/210, weight decay 5e-4, momentum 0.9, crop+flip.
 Args: `teacher` (resnet32x4 on labels), `kd` (CE weight 0.1 + KD weight 0.9 at T=4), `dkd` (CE + DKD with
 alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embeddings of the pooled last stage,
-each contrasted with the example's own row of the other side's memory bank against 4096 random rows, those of its
-class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels). Data: `cifar100` from tfds (needs `tfds
+each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
+RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels). Data: `cifar100` from tfds (needs `tfds
 build cifar100` with internet) or `--config.data.dataset=PATH` of an image folder / .tar.gz; `:kd,cifar10` runs the
 same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD here contrasts with InfoNCE, not the paper's NCE (see
 `kdjax.losses.crd_nce`). Not yet run on a GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
@@ -34,10 +34,12 @@ def get_config(arg='kd'):
   cfg.compute_dtype = 'bfloat16'
   cfg.student.name = 'resnet32x4' if 'teacher' in args else 'resnet8x4'
   cfg.teacher.name = 'resnet32x4'
-  cfg.teacher.workdir = 'workdirs/cifar100_resnet32x4'
+  cfg.teacher.workdir = 'workdirs/cifar10_resnet32x4' if 'cifar10' in args else 'workdirs/cifar100_resnet32x4'
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=(150, 180, 210), decay_factor=0.1)
   method = next((a for a in args if a in METHOD_LOSSES), 'ce')
   cfg.phases.train = phase(240, METHOD_LOSSES[method](20), sgd)
+  if method == 'crd':
+    cfg.phases.train.losses.crd.negatives = 16384  # RepDistiller's; the CPU-sized cifar10_methods keeps 4096
   cfg.eval_every_epochs = 10.0
   return cfg

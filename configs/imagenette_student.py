@@ -34,9 +34,9 @@ def apply_common_args(cfg, args):
   for size, name in STUDENTS.items():
     if size in args:
       cfg.student.name = name
-  if 'subset' in args:
-    cfg.data.train_split = 'train[:25%]'
-    cfg.data.heldout_split = 'train[25%:]'
+  if 'subset' in args:  # with `smoke`: a quarter of smoke's 2% slice, and the rest of that slice held out
+    cfg.data.train_split = 'train[:0.5%]' if 'smoke' in args else 'train[:25%]'
+    cfg.data.heldout_split = 'train[0.5%:2%]' if 'smoke' in args else 'train[25%:]'
   if 'repeats' in args:
     cfg.suite = 'repeats'
     cfg.repeats.seeds = (0, 1, 2)

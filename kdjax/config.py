@@ -7,6 +7,8 @@ the dataset is decoded.
 """
 import copy
 import difflib
+import itertools
+import re
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -199,6 +201,11 @@ def _check_phases(cfg):
     if name not in cfg.schedule:
       raise UserError(f'phase `{name}` is defined but not in `schedule`; add it or delete it')
     _check_known_keys({k: v for k, v in ph.items() if k != 'losses'}, template, f'phases.{name}.')
+    try:
+      re.compile(ph.trainable)
+    except re.error as error:
+      raise UserError(f'config `phases.{name}.trainable` {ph.trainable!r} is not a regular expression ({error}); '
+                      "write one over parameter paths, e.g. '^stages/(0|1)/' or '^head/'") from None
     if not ph.losses:
       raise UserError(f'phase `{name}` has no losses; add one, e.g. `losses={{"ce": loss_term("ce")}}`')
     for term_name, term in ph.losses.items():
@@ -273,6 +280,30 @@ def _check_no_shared_nodes(cfg, prefix='', seen=None) -> None:
       _check_no_shared_nodes(value, path + '.', seen)
 
 
+def _check_seeds(cfg) -> None:
+  for key in ('repeats.seeds', 'sweep.best_cell_seeds'):
+    seeds = list(cfg.repeats.seeds if key == 'repeats.seeds' else cfg.sweep.best_cell_seeds)
+    if len(set(seeds)) != len(seeds) or (key == 'repeats.seeds' and not seeds):
+      raise UserError(f'config `{key}` is {tuple(seeds)}; give distinct seeds' +
+                      (', at least one, e.g. (0, 1, 2)' if key == 'repeats.seeds' else ''))
+
+
+def _check_sweep_cells(cfg, num_devices: int) -> None:
+  """Every cell of the grid as the run it will be: a bad value in the last cell must not cost the cells before."""
+  from kdjax import sweep
+  axes = sweep.parse_grid(cfg.sweep.grid, cfg)
+  for values in itertools.product(*(v for _, v in axes)):
+    assignment = dict(zip((k for k, _ in axes), values))
+    child = single_run(cfg, seed=int(cfg.repeats.seeds[0]))
+    try:
+      with child.unlocked():
+        for key, value in assignment.items():
+          sweep.set_key(child, key, value)
+      validate(child, num_devices)
+    except (UserError, TypeError, ValueError) as error:
+      raise UserError(f'sweep cell {sweep.cell_name(assignment)}: {error}') from None
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raise a UserError naming the fix for the first problem in `cfg`."""
   _check_known_keys(cfg, base_config())
@@ -290,9 +321,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       raise UserError(f'config `{key}`={cfg[key]} must be a positive multiple of the device count '
                       f'({num_devices}); set --config.{key}={max(num_devices, cfg[key] // num_devices * num_devices)}')
   _check_phases(cfg)
+  from kdjax.data import splits  # late, like objective: keep `import kdjax.config` light
+  from kdjax.models import registry
+  registry.check_model(cfg.student.name, {k: v for k, v in cfg.student.items() if k != 'name'})
+  for key in ('train_split', 'eval_split', 'heldout_split'):
+    if cfg.data[key]:
+      splits.parse_split(cfg.data[key])
+  _check_seeds(cfg)
   if cfg.suite == 'sweep':
-    from kdjax import sweep
-    sweep.parse_grid(cfg.sweep.grid, cfg)
+    _check_sweep_cells(cfg, num_devices)
   if cfg.suite in ('single', 'repeats', 'sweep') and uses_teacher(cfg) and not teacher_workdirs(cfg):
     raise UserError('the losses need a teacher but `teacher.workdir` is empty; '
                     'set --config.teacher.workdir=DIR of a finished teacher run')

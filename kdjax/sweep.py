@@ -42,7 +42,7 @@ def _literal(text: str):
     return text
 
 
-def _set(cfg, dotted: str, value) -> None:
+def set_key(cfg, dotted: str, value) -> None:
   *parents, last = dotted.split('.')
   node = cfg
   for part in parents:
@@ -94,7 +94,7 @@ def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]
     child = config_lib.single_run(cfg, seed=int(seed))
     with child.unlocked():
       for key, value in assignment.items():
-        _set(child, key, value)
+        set_key(child, key, value)
     child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
     summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
   return summaries

@@ -193,6 +193,14 @@ def build_run(cfg, workdir: str) -> Run:
       rngs=nnx.Rngs(cfg.seed + 2), dtype=dtype)
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
+  adapter_patterns = [objective_lib.phase_adapter_pattern(ph, student.stage_channels, teacher_channels)
+                      if teacher else objective_lib.NO_ADAPTERS for ph in phases]
+  for name, ph, pattern in zip(cfg.schedule, phases, adapter_patterns):
+    if not (jax.tree.leaves(state_lib.split_trainable(params, ph.trainable)[0]) or
+            jax.tree.leaves(state_lib.split_trainable(adapter_params, pattern)[0])):
+      raise UserError(f'phase `{name}` would train nothing: `phases.{name}.trainable` {ph.trainable!r} matches no '
+                      f'parameter of {cfg.student.name} (paths such as '
+                      f'{", ".join(state_lib.path_string(p) for p, _ in list(nnx.to_flat_state(params))[:2])})')
   size = data.image_shape[0]
   preprocess = steps.Preprocess(
       augment=lambda rng, x: augment.AUGMENTATIONS[cfg.data.augment](rng, x, image_size=size),
@@ -207,8 +215,7 @@ def build_run(cfg, workdir: str) -> Run:
              student_def=student_def, params=params, model_state=model_state, adapter_def=adapter_def,
              adapter_params=adapter_params, preprocess=preprocess,
              plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
-             adapter_patterns=[objective_lib.phase_adapter_pattern(ph, student.stage_channels, teacher_channels)
-                               if teacher else objective_lib.NO_ADAPTERS for ph in phases],
+             adapter_patterns=adapter_patterns,
              replicated=mesh_lib.replicated(mesh))
 
 

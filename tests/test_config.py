@@ -38,6 +38,16 @@ def test_tiny_configs_are_valid():
     (lambda c: c.data.update(datset='x'), 'did you mean `data.dataset`'),
     (lambda c: c.teacher.update(workdir=''), 'teacher.workdir` is empty'),
     (lambda c: c.teacher.update(workdir=' , '), 'teacher.workdir` is empty'),
+    # Caught before any data is read, not after (the model, the splits, the phases' patterns):
+    (lambda c: c.student.update(name='mlp2x'), "unknown model 'mlp2x'"),
+    (lambda c: c.student.update(hiden=64), 'hiden'),
+    (lambda c: c.data.update(heldout_split='train[25%:'), "malformed split 'train[25%:'"),
+    (lambda c: c.phases.train.update(trainable='^stages/(0/'), 'is not a regular expression'),
+    (lambda c: c.repeats.update(seeds=()), 'give distinct seeds, at least one'),
+    (lambda c: c.repeats.update(seeds=(0, 0)), 'give distinct seeds'),
+    # A sweep's every cell is validated as the run it will be: the bad value sits in the second cell.
+    (lambda c: c.update(suite='sweep') or c.sweep.update(grid='phases.train.losses.kd.alpha=0.5,1.5'),
+     'sweep cell alpha=1.5: config `phases.train.losses.kd`: `alpha` must be in [0, 1], got 1.5'),
 ])
 def test_bad_values_name_the_fix(mutate, expected):
   assert expected in _error(mutate, num_devices=8)

@@ -138,3 +138,11 @@ def test_the_same_step_torn_twice_keeps_both_copies(tmp_path):
     _truncate(os.path.join(ckpt_dir, str(steps[-1])))
     train.train_and_evaluate(cfg, workdir)  # falls back, then saves steps[-1] again
     assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', f'{steps[-1]}{copy}'))
+
+
+def test_a_phase_whose_trainable_pattern_matches_nothing_is_refused(tmp_path):
+  """A typo in `trainable` ('^stage/' for '^stages/') would train nothing for the whole phase, silently."""
+  cfg = tiny.get_config('ce')
+  cfg.phases.train.trainable = '^stage/'
+  with pytest.raises(UserError, match="phase `train` would train nothing: .*'\\^stage/' matches no parameter"):
+    train.train_and_evaluate(cfg, str(tmp_path / 'run'))

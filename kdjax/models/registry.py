@@ -53,16 +53,21 @@ def create_model(
   architecture (e.g. `dropout=0.3`); names it does not accept raise `UserError` listing the ones it does, because
   they come from a user's config and a bare `TypeError` deep in a constructor would not say which key was wrong.
   """
-  if name not in MODELS:
-    raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+  check_model(name, kwargs)
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise UserError(f'num_classes must be a positive integer, got {num_classes!r}')
   image_shape = tuple(image_shape)
   if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
     raise UserError(f'image_shape must be (height, width, channels) of positive integers, got {image_shape!r}')
-  constructor = MODELS[name]
-  _check_arch_kwargs(name, constructor, kwargs)
-  return constructor(num_classes=num_classes, image_shape=image_shape, rngs=rngs, dtype=dtype, **kwargs)
+  return MODELS[name](num_classes=num_classes, image_shape=image_shape, rngs=rngs, dtype=dtype, **kwargs)
+
+
+def check_model(name: str, kwargs: dict[str, Any]) -> None:
+  """Raises `UserError` for an unregistered `name` or architecture arguments it does not take (what `validate`
+  checks before any data is read, and `create_model` again)."""
+  if name not in MODELS:
+    raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+  _check_arch_kwargs(name, MODELS[name], kwargs)
 
 
 _CONTRACT_ARGS = frozenset({'num_classes', 'image_shape', 'rngs', 'dtype'})
