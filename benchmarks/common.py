@@ -8,7 +8,6 @@ runs ahead of the device as it does in training.
 """
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
@@ -26,6 +25,7 @@ from kdjax import mesh as mesh_lib
 from kdjax import metrics as metrics_lib
 from kdjax import objective as objective_lib
 from kdjax import optim
+from kdjax import report
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
@@ -334,8 +334,7 @@ def write_json(path: str, payload: dict) -> None:
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(payload, f, indent=2, default=str)
+  report.write_json(path, payload, indent=2, default=str)  # atomic: a step killed mid-write keeps the last one
   print(f'wrote {path}')
 
 

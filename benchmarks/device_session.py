@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -72,14 +73,18 @@ def plan_perf(args) -> list[Step]:
   return [
       Step('side_by_side', _module('side_by_side', '--data', CIFAR10, '--peer', PEER, '--epochs-teacher', '30',
                                    '--epochs-student', '15', '--kd', '0.5:4:0.02', '--cache-dir', CACHE,
-                                   '--workdir', os.path.join(RUNS, 'sbs'), '--json', sbs), 340, [sbs]),
-      Step('bench_steps', _module('bench_steps', '--phases', 'teacher,student_ce,student_kd,student_kd_cached',
+                                   '--workdir', os.path.join(RUNS, 'sbs'), '--json', sbs), 340,
+           [sbs, os.path.join(RUNS, 'sbs', '*', '*', 'summary.json')]),
+      # student_kd_cached is left out: with crop+flip its table is 162 views x 50,000 teacher passes, which does not
+      # fit this step's time; the cifar10_kd plan's grid runs the cache instead.
+      Step('bench_steps', _module('bench_steps', '--phases', 'teacher,student_ce,student_kd',
                                   '--json', os.path.join(RUNS, 'bench_steps.json')), 60,
            [os.path.join(RUNS, 'bench_steps.json')]),
       Step('roofline', _module('roofline', '--json', os.path.join(RUNS, 'roofline.json')), 40,
            [os.path.join(RUNS, 'roofline.json')]),
       Step('max_batch', _module('max_batch', '--teacher', 'resnet34', '--student', 'resnet34_medium',
-                                '--image-size', '224', '--peer', PEER, '--json', os.path.join(RUNS, 'max_batch.json')),
+                                '--image-size', '224', '--peer', PEER, '--peer-start', '256', '--tolerance', '0.1',
+                                '--json', os.path.join(RUNS, 'max_batch.json')),
            120, [os.path.join(RUNS, 'max_batch.json')], env={'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.95'}),
   ]
 
@@ -231,11 +236,15 @@ def run_plan(steps: list[Step], out: str, budget_s: float, min_step_s: float = 2
         limit = min(step.budget_s, left)
         print(f'\n=== {step.name} (at most {limit:.0f} s): {record["command"]}', file=log, flush=True)
         t0, start = time.monotonic(), log.tell()
+        # Its own process group, so that a timeout also stops the children (the peer) that may hold the GPU.
+        proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **step.env}, start_new_session=True)
         try:
-          proc = subprocess.run(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit,
-                                env={**os.environ, **step.env})
-          record.update(status='ok' if proc.returncode == 0 else f'failed (exit {proc.returncode})')
+          returncode = proc.wait(timeout=limit)
+          record.update(status='ok' if returncode == 0 else f'failed (exit {returncode})')
         except subprocess.TimeoutExpired:
+          os.killpg(proc.pid, signal.SIGKILL)
+          proc.wait()
           record.update(status=f'timed out after {limit:.0f} s')
         record.update(wall_s=round(time.monotonic() - t0, 1), tail=_tail(log.name, start, TAIL_LINES))
       record['results'] = {path: read_result(path) for pattern in step.results for path in glob.glob(pattern)}

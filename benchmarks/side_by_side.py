@@ -171,8 +171,8 @@ def kdjax_config(args, *, model: str, epochs: float, learning_rate: float, losse
   return cfg
 
 
-def run_kdjax(args, root: str) -> dict:
-  """The three runs in sub-workdirs of `root`; their summaries by phase."""
+def run_kdjax(args, root: str, on_run=lambda summaries: None) -> dict:
+  """The three runs in sub-workdirs of `root`; their summaries by phase (`on_run(summaries so far)` after each)."""
   alpha, temperature, kd_lr = parse_kd(args.kd)
   eval_split = eval_split_of(args.data) if args.eval_split == 'auto' else args.eval_split
   ce = {'ce': config_lib.loss_term('ce')}
@@ -190,6 +190,7 @@ def run_kdjax(args, root: str) -> dict:
   for name, cfg in runs.items():
     print(f'kdjax: {name}', flush=True)
     summaries[name] = train.train_and_evaluate(cfg, os.path.join(root, name))
+    on_run(summaries)
   return summaries
 
 
@@ -225,7 +226,10 @@ def main(argv=None) -> dict:
     print(f'peer skipped: {skip}', flush=True)
   root = args.workdir or tempfile.mkdtemp(prefix='kdjax_side_by_side_')
   root = os.path.join(root, time.strftime('%Y%m%d-%H%M%S'))
-  kdjax = run_kdjax(args, root)  # JAX starts only now, after the peer has given the GPU back
+  # A call cut short (the device's time limit) still leaves what finished: the JSON is rewritten after each part.
+  partial = lambda kdjax: common.write_json(args.json, dict(partial=True, workdir=root, peer=peer, kdjax=kdjax))
+  partial({})
+  kdjax = run_kdjax(args, root, partial)  # JAX starts only now, after the peer has given the GPU back
   rows = compare(kdjax, peer['records'])
   title = (f"{args.data}, batch {args.batch}, epochs {args.epochs_teacher:g}/{args.epochs_student:g}, kd {args.kd}; "
            f"peer: {peer['status']}{' (' + skip + ')' if skip else ''}")

@@ -231,3 +231,11 @@ def test_torch_twins_match_kdjax_parameter_counts(name):
   kdjax_count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert sum(p.numel() for p in twin.parameters()) == kdjax_count
   assert twin(__import__('torch').zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_max_batch_reads_every_allocation_failure_as_does_not_fit():
+  from benchmarks import max_batch
+  for message in ('RESOURCE_EXHAUSTED: Out of memory while trying to allocate', 'CUDA out of memory. Tried to',
+                  'cuDNN error: CUDNN_STATUS_ALLOC_FAILED', 'CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate'):
+    assert max_batch._is_out_of_memory(RuntimeError(message)), message
+  assert not max_batch._is_out_of_memory(RuntimeError('CUDNN_STATUS_BAD_PARAM'))

@@ -2,7 +2,9 @@
 that every step of every plan would start (flags parse, configs validate) -- checked here, where it costs nothing,
 instead of on the GPU's 15 minutes."""
 import json
+import os
 import sys
+import time
 
 import pytest
 
@@ -34,6 +36,33 @@ def test_runner_keeps_going_past_failures_and_respects_budget_and_needs(tmp_path
   summary = open(tmp_path / 'out' / 'session.md').read()
   assert '| slow | timed out after 2 s |' in summary
   assert records[4]['tail'] == 'ran' and '## after_ok: last lines of its output' in summary
+
+
+def test_a_timed_out_step_takes_its_children_with_it(tmp_path):
+  """The peer runs as a child of a step: a timeout must not leave it holding the GPU for the next step."""
+  pid_file = tmp_path / 'child.pid'
+  code = (f'import subprocess, sys, time; child = subprocess.Popen([sys.executable, "-c", "import time; '
+          f'time.sleep(60)"]); open({str(pid_file)!r}, "w").write(str(child.pid)); time.sleep(60)')
+  records = device_session.run_plan([device_session.Step('parent', _python(code), 3)], str(tmp_path / 'out'),
+                                    budget_s=30, min_step_s=1)
+  assert records[0]['status'] == 'timed out after 3 s'
+  child = int(pid_file.read_text())
+  deadline = time.monotonic() + 5
+  while _alive(child) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.waitpid(pid, os.WNOHANG)  # reap it if it is ours (it is not: its parent was killed, init reaps it)
+  except ChildProcessError:
+    pass
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().split(')')[-1].split()[0] != 'Z'  # a zombie is dead
+  except FileNotFoundError:
+    return False
 
 
 def test_runner_skips_what_the_deadline_leaves_no_time_for(tmp_path):
