@@ -113,6 +113,9 @@ def main(argv=None) -> dict:
                                         args.steps, args.warmup)
   del state
   costs = common.cost(built['compiled'])
+  # The same count before XLA's optimisations: on GPU, convolutions become cuDNN custom calls whose FLOPs the
+  # optimised program's analysis may miss (jax issues 16008, 22249); a large gap between the two flags that.
+  unoptimized = common.cost(phase.train_fn.lower(phase.state, phase.teacher_vars, built['batches'][0]))
   # Simulated CPU devices share one set of cores, and one device's matmul already uses all of them: compare the
   # work of every device with that one rate. Real accelerators run their shards in parallel: per-device work.
   shared = platform == 'cpu' and jax.device_count() > 1
@@ -122,6 +125,7 @@ def main(argv=None) -> dict:
   result = roofline(costs['flops'] * scale, costs['bytes_accessed'] * scale, rate, bandwidth, step_s / args.steps)
   report = dict(common.environment('roofline', argv), benchmark='roofline', settings=vars(args),
                 compile_s=built['compile_s'], flops_per_device=costs['flops'],
+                flops_per_device_before_optimization=unoptimized['flops'] / jax.device_count(),  # global before
                 bytes_accessed_per_device=costs['bytes_accessed'], devices_share_cores=shared,
                 matmul_size=n, matmul_flops_per_s=rate, copy_mib=mib, copy_bytes_per_s=bandwidth,
                 images_per_s=args.steps * args.batch / step_s, **result)
@@ -132,6 +136,8 @@ def main(argv=None) -> dict:
 
 def print_report(report: dict, args) -> None:
   rows = [dict(what='step FLOPs (XLA, per device)', value=f"{report['flops_per_device'] / 1e9:.3g} GFLOP"),
+          dict(what='step FLOPs before XLA optimisation (cross-check)',
+               value=f"{report['flops_per_device_before_optimization'] / 1e9:.3g} GFLOP"),
           dict(what='step bytes accessed (XLA, per device)',
                value=f"{report['bytes_accessed_per_device'] / 2**20:.4g} MiB"),
           dict(what=f"matmul rate ({report['matmul_size']}², {args.dtype})",

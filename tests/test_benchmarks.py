@@ -87,6 +87,8 @@ def test_roofline_reports_floor_and_measurement(tmp_path):
     assert _positive(report[key]), (key, report[key])
   assert report['bound'] in ('compute', 'memory')
   assert report['floor_ms'] == max(report['compute_floor_ms'], report['memory_floor_ms'])
+  # On CPU the optimised program keeps its convolutions' FLOPs: the cross-check agrees within a factor of 2.
+  assert 0.5 < report['flops_per_device_before_optimization'] / report['flops_per_device'] < 2
 
 
 FAKE_PEER = textwrap.dedent('''\
