@@ -49,18 +49,26 @@ def test_loss_terms_see_the_phase_progress_in_epochs():
   np.testing.assert_allclose(epochs, [0.0, 0.25, 1.0, 2.5])
 
 
-def test_train_step_lowers_loss_on_a_fixed_batch():
-  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
+def _ce_phase(model, image_shape, *, tx, trainable='.*', augment_name='none'):
+  """A one-term CE `PhaseStep` for `model` and its initial train state, built by hand as the trainer builds them."""
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
   objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
-  tx = optax.adam(1e-2)
+  size, _, channels = image_shape
   spec = steps.PhaseStep(
       student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable='.*', frozen_bn=True, first_step=0, steps_per_epoch=1,
-      preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
-                                  evaluate=lambda x: x / 255.0, mean=(0.5,), std=(0.25,), dtype=jnp.float32, image_size=8))
-  state = state_lib.init_state(params, model_state, adapter_params, tx.init((params, adapter_params)), 0, 1)
+      trainable=trainable, frozen_bn=True, first_step=0, steps_per_epoch=1,
+      preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[augment_name](r, x, image_size=size),
+                                  evaluate=lambda x: x / 255.0, mean=(0.5,) * channels, std=(0.25,) * channels,
+                                  dtype=jnp.float32, image_size=size))
+  trainable_params, _ = state_lib.split_trainable(params, trainable)
+  state = state_lib.init_state(params, model_state, adapter_params, tx.init((trainable_params, adapter_params)), 0, 1)
+  return spec, state
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch():
+  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
+  spec, state = _ce_phase(model, (8, 8, 1), tx=optax.adam(1e-2))
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)),
            'label': jnp.asarray(rng.integers(0, 10, (16,), dtype=np.int32))}
@@ -141,18 +149,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
 def _one_ce_step(name, trainable, **model_args):
   """The model state before and after `steps.train_step` with `trainable` and frozen_bn=True, as {path: array}."""
   model = create_model(name, num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(params=0, dropout=1), **model_args)
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
-  objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
-  tx = optax.sgd(0.1)
-  spec = steps.PhaseStep(
-      student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable=trainable, frozen_bn=True, first_step=0, steps_per_epoch=1,
-      preprocess=steps.Preprocess(augment=lambda rng, x: augment.AUGMENTATIONS['none'](rng, x, image_size=8),
-                                  evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32,
-                                  image_size=8))
-  trainable_params, _ = state_lib.split_trainable(params, trainable)
-  state = state_lib.init_state(params, model_state, adapter_params, tx.init((trainable_params, adapter_params)), 0, 1)
+  spec, state = _ce_phase(model, (8, 8, 3), tx=optax.sgd(0.1), trainable=trainable)
+  model_state = state.model_state
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)),
            'label': jnp.asarray(rng.integers(0, 10, (16,), dtype=np.int32))}
@@ -176,26 +174,29 @@ def test_a_frozen_head_still_draws_a_new_dropout_mask_each_step():
   assert after['head/dropout/rngs/count'] == before['head/dropout/rngs/count'] + 1
 
 
+def _saved_by_phase(workdir, item):
+  """{phase name: [(step, {path: array} of `item` of the state)]} over every checkpoint of a finished run."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
+  by_phase = {}
+  for step in sorted(manager.all_steps()):
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    by_phase.setdefault(checkpoint_step_meta(workdir, step)['phase_name'], []).append(
+        (step, ckpt_lib._flatten_raw(raw[item])))
+  return by_phase
+
+
 def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
   cfg = tiny.get_config('stagewise')
   cfg.teacher.workdir = teacher_workdir
   cfg.keep_checkpoints = 20
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(cfg, workdir)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
-  by_phase = {}
-  for step in manager.all_steps():
-    by_phase[checkpoint_step_meta(workdir, step)['phase_name']] = step  # last checkpoint of each phase
   model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(params=0, dropout=1),
                        hidden=16, dropout=0.0)
   initial = {state_lib.path_string(p): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
-  def params_at(step):
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    return ckpt_lib._flatten_raw(raw['params'])
-
-  after = {name: params_at(step) for name, step in by_phase.items()}
+  after = {name: saved[-1][1] for name, saved in _saved_by_phase(workdir, 'params').items()}  # each phase's end
   changed = lambda a, b: sorted(k for k in a if not np.array_equal(a[k], b[k]))
   assert all(k.startswith('stages/0/') for k in changed(initial, after['stage0']))
   assert changed(initial, after['stage0'])
@@ -217,17 +218,9 @@ def test_a_phase_trains_only_its_own_adapters(tmp_path, teacher_workdir):
   cfg.keep_checkpoints = 1000
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(cfg, workdir)
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
-  by_phase = {}
-  for step in manager.all_steps():
-    by_phase.setdefault(checkpoint_step_meta(workdir, step)['phase_name'], []).append(step)
-
-  def adapters_at(step):
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    return ckpt_lib._flatten_raw(raw['adapter_params'])
-
-  first, end0, end1, end = (adapters_at(s) for s in (min(by_phase['stage0']), max(by_phase['stage0']),
-                                                       max(by_phase['stage1']), max(by_phase['classifier'])))
+  by_phase = _saved_by_phase(workdir, 'adapter_params')
+  first, end0 = by_phase['stage0'][0][1], by_phase['stage0'][-1][1]
+  end1, end = by_phase['stage1'][-1][1], by_phase['classifier'][-1][1]
   s0, s1 = 'maps/s0_t0/kernel', 'maps/s1_t1/kernel'
   assert set(first) == {s0, s1}
   np.testing.assert_array_equal(first[s1], end0[s1])  # untouched through stage0
@@ -281,18 +274,8 @@ def test_every_augmentation_runs_in_the_sharded_step(name):
   data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
                                             rng.integers(0, 10, (64,)), mesh)
   model = create_model('cnn2', num_classes=10, image_shape=(16, 16, 3), rngs=nnx.Rngs(0), hidden=8, dropout=0.0)
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
-  objective, names = objective_lib.build_objective({'ce': config_lib.loss_term('ce')})
-  tx = optax.sgd(0.1)
-  spec = steps.PhaseStep(
-      student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable='.*', frozen_bn=True, first_step=0, steps_per_epoch=1,
-      preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[name](r, x, image_size=16),
-                                  evaluate=lambda x: x / 255.0, mean=(0.5,) * 3, std=(0.25,) * 3,
-                                  dtype=jnp.float32, image_size=16))
-  state = jax.device_put(state_lib.init_state(params, model_state, adapter_params,
-                                              tx.init((params, adapter_params)), 0, 1), mesh_lib.replicated(mesh))
+  spec, state = _ce_phase(model, (16, 16, 3), tx=optax.sgd(0.1), augment_name=name)
+  state = jax.device_put(state, mesh_lib.replicated(mesh))
   step_fn = steps.jit_train_step(spec, mesh_lib.replicated(mesh))
   batch = data.train_batch(data.epoch_order(0, 0), 0, 32)
   state, metrics = step_fn(state, None, batch)
