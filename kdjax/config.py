@@ -46,17 +46,19 @@ def loss_term(kind: str, weight: float = 1.0, **args) -> ml_collections.ConfigDi
 
 
 def phase(epochs: float, losses: dict, opt: ml_collections.ConfigDict | None = None,
-          trainable: str = '.*', frozen_bn: bool = True) -> ml_collections.ConfigDict:
+          trainable: str = '.*', frozen_bn: bool = True, frozen_eval: bool = False) -> ml_collections.ConfigDict:
   """One phase of a run: what trains (a regex over student parameter paths), on which losses, for how long.
 
   A plain training run is one phase; stage-wise distillation is several. Parameters whose path (e.g.
   `stages/2/conv1/kernel`) does not match `trainable` are frozen: neither they nor their BatchNorm statistics
-  change during the phase (`frozen_bn`).
+  change during the phase (`frozen_bn`). With `frozen_eval`, the stages (and head) with no trainable parameter
+  also run in inference mode, as `.eval()` on a frozen PyTorch backbone: BatchNorm normalises with the running
+  statistics the evaluation will use, instead of each batch's, and dropout is off.
   """
   # Copies: ConfigDict stores sub-dicts by reference, so phases built from one `opt` would share it and
   # `--config.phases.classifier.optimizer.learning_rate=...` would change every phase.
   return ml_collections.ConfigDict(dict(
-      epochs=float(epochs), trainable=trainable, frozen_bn=frozen_bn,
+      epochs=float(epochs), trainable=trainable, frozen_bn=frozen_bn, frozen_eval=frozen_eval,
       losses=ml_collections.ConfigDict(copy.deepcopy(dict(losses))),
       optimizer=copy.deepcopy(opt) if opt is not None else optimizer()))
 

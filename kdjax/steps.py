@@ -75,6 +75,7 @@ class PhaseStep:
   first_step: int
   steps_per_epoch: int
   trainable_adapters: str = '.*'  # regex over adapter paths: the adapters this phase's terms use
+  train_modes: tuple[bool, ...] | None = None  # per stage, then the head: False runs it in inference mode
 
   def epoch(self, step: jax.Array) -> jax.Array:
     """The phase's progress in epochs at optimizer step `step` (0.0 at the phase's first step)."""
@@ -99,7 +100,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
     # Fresh Variable objects at this trace level: BatchNorm writes its statistics into them.
     model_state = jax.tree.map(lambda x: x, model_state)
     model = nnx.merge(spec.student_def, state_lib.merge(trainable, frozen), model_state)
-    student_out = model(images, train=True)
+    student_out = model(images, train=True if spec.train_modes is None else spec.train_modes)
     adapters = nnx.merge(spec.adapter_def, state_lib.merge(adapters_on, adapters_off))
     loss, terms, memory = spec.objective(student_out, teacher_out, labels, adapters, spec.epoch(state.step),
                                          memory=state.memory, index=batch.get('index'), key=jax.random.fold_in(key, 1),

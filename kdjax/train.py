@@ -125,6 +125,7 @@ class Run:
   plan: PhasePlan
   phases: list
   adapter_patterns: list[str]  # per phase: the adapters its terms use, the only ones its optimizer trains
+  train_modes: list            # per phase: None, or per stage and then the head whether it runs in train mode
   replicated: Any
 
   def __post_init__(self):
@@ -166,6 +167,18 @@ def _normalized_as_init(cfg, data: run_data.RunData) -> run_data.RunData:
     return data
   logging.info('normalising inputs as %s did: mean %s, std %s', cfg.init.workdir, *recorded)
   return dataclasses.replace(data, mean=recorded[0], std=recorded[1])
+
+
+def _train_modes(student, params, ph) -> tuple[bool, ...] | None:
+  """With `frozen_eval`: per stage and then the head, whether phase `ph` trains any of its parameters (the others run
+  in inference mode); None when everything trains, the phase does not ask, or the model has no stages (ensembles)."""
+  if not ph.frozen_eval or not hasattr(student, 'stages'):
+    return None
+  trained = [state_lib.path_string(path)
+             for path, _ in nnx.to_flat_state(state_lib.split_trainable(params, ph.trainable)[0])]
+  modes = tuple(any(p.startswith(f'stages/{i}/') for p in trained) for i in range(len(student.stages)))
+  modes += (any(p.startswith('head/') for p in trained),)
+  return None if all(modes) else modes
 
 
 def build_run(cfg, workdir: str) -> Run:
@@ -216,6 +229,7 @@ def build_run(cfg, workdir: str) -> Run:
              adapter_params=adapter_params, preprocess=preprocess,
              plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
              adapter_patterns=adapter_patterns,
+             train_modes=[_train_modes(student, params, ph) for ph in phases],
              replicated=mesh_lib.replicated(mesh))
 
 
@@ -252,7 +266,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
                          objective=objective, term_names=term_names, tx=tx, trainable=run.phases[k].trainable,
                          frozen_bn=run.phases[k].frozen_bn, preprocess=run.preprocess,
                          first_step=plan.starts[k], steps_per_epoch=plan.steps_per_epoch,
-                         trainable_adapters=run.adapter_patterns[k])
+                         trainable_adapters=run.adapter_patterns[k], train_modes=run.train_modes[k])
   batch_sharding = mesh_lib.batch_sharded(run.data.train.mesh)
   train_fn = steps.jit_train_program(spec, cfg.batch_size, batch_sharding, run.replicated)
   split = (run.data.train.images, run.data.train.labels)

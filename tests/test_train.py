@@ -49,7 +49,7 @@ def test_loss_terms_see_the_phase_progress_in_epochs():
   np.testing.assert_allclose(epochs, [0.0, 0.25, 1.0, 2.5])
 
 
-def _ce_phase(model, image_shape, *, tx, trainable='.*', augment_name='none'):
+def _ce_phase(model, image_shape, *, tx, trainable='.*', augment_name='none', frozen_bn=True, train_modes=None):
   """A one-term CE `PhaseStep` for `model` and its initial train state, built by hand as the trainer builds them."""
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(objective_lib.Adapters({}, rngs=nnx.Rngs(1)), nnx.Param)
@@ -57,7 +57,7 @@ def _ce_phase(model, image_shape, *, tx, trainable='.*', augment_name='none'):
   size, _, channels = image_shape
   spec = steps.PhaseStep(
       student_def=graphdef, adapter_def=adapter_def, teacher=None, objective=objective, term_names=names, tx=tx,
-      trainable=trainable, frozen_bn=True, first_step=0, steps_per_epoch=1,
+      trainable=trainable, frozen_bn=frozen_bn, first_step=0, steps_per_epoch=1, train_modes=train_modes,
       preprocess=steps.Preprocess(augment=lambda r, x: augment.AUGMENTATIONS[augment_name](r, x, image_size=size),
                                   evaluate=lambda x: x / 255.0, mean=(0.5,) * channels, std=(0.25,) * channels,
                                   dtype=jnp.float32, image_size=size))
@@ -146,10 +146,11 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
     assert phases  # meta records the phase
 
 
-def _one_ce_step(name, trainable, **model_args):
-  """The model state before and after `steps.train_step` with `trainable` and frozen_bn=True, as {path: array}."""
+def _one_ce_step(name, trainable, frozen_bn=True, train_modes=None, **model_args):
+  """The model state before and after one `steps.train_step` with `trainable`, as {path: array}."""
   model = create_model(name, num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(params=0, dropout=1), **model_args)
-  spec, state = _ce_phase(model, (8, 8, 3), tx=optax.sgd(0.1), trainable=trainable)
+  spec, state = _ce_phase(model, (8, 8, 3), tx=optax.sgd(0.1), trainable=trainable, frozen_bn=frozen_bn,
+                          train_modes=train_modes)
   model_state = state.model_state
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)),
@@ -183,6 +184,22 @@ def _saved_by_phase(workdir, item):
     by_phase.setdefault(checkpoint_step_meta(workdir, step)['phase_name'], []).append(
         (step, ckpt_lib._flatten_raw(raw[item])))
   return by_phase
+
+
+def test_frozen_eval_runs_frozen_stages_in_inference_mode():
+  """With `frozen_eval`, the stages a phase does not train run in inference mode: their BatchNorm statistics stay
+  put even without `frozen_bn` (which would otherwise restore them), and the trained stage's statistics move."""
+  student = create_model('resnet8', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0))
+  _, params, _ = nnx.split(student, nnx.Param, ...)
+  ph = config_lib.phase(1, {'ce': config_lib.loss_term('ce')}, trainable='^stages/(1)/', frozen_eval=True)
+  modes = train._train_modes(student, params, ph)
+  assert modes == (False, True, False, False, False)  # stem, 3 stages, head
+  assert train._train_modes(student, params, config_lib.phase(1, {}, trainable='^stages/(1)/')) is None
+  before, after = _one_ce_step('resnet8', '^stages/(1)/', frozen_bn=False, train_modes=modes)
+  moved = {k for k in before if k.endswith(('/mean', '/var')) and not np.array_equal(before[k], after[k])}
+  assert moved and all(k.startswith('stages/1/') for k in moved), sorted(moved)
+  before, after = _one_ce_step('resnet8', '^stages/(1)/', frozen_bn=False)  # train mode: every stage's moves
+  assert any(k.startswith('stages/2/') and not np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):

@@ -127,14 +127,21 @@ class ClassifierHead(nnx.Module):
     return self.fc(x).astype(jnp.float32)
 
 
-def run_stages(stages: nnx.List, head: nnx.Module, x: jax.Array, *, train: bool
+def run_stages(stages: nnx.List, head: nnx.Module, x: jax.Array, *, train
                ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """The shared forward pass of every model: each stage's output is a feature, the last one feeds the head."""
+  """The shared forward pass of every model: each stage's output is a feature, the last one feeds the head.
+
+  `train` is one bool, or one per stage and then the head's: a phase that freezes part of the model can run that
+  part in inference mode (running BatchNorm statistics, no dropout) while the rest trains.
+  """
+  modes = (train,) * (len(stages) + 1) if isinstance(train, bool) else tuple(train)
+  if len(modes) != len(stages) + 1:
+    raise ValueError(f'train has {len(modes)} modes for {len(stages)} stages and a head')
   features = []
-  for stage in stages:
-    x = stage(x, train=train)
+  for stage, mode in zip(stages, modes):
+    x = stage(x, train=mode)
     features.append(x)
-  return head(x, train=train), tuple(features)
+  return head(x, train=modes[-1]), tuple(features)
 
 
 class StagedClassifier(nnx.Module):
@@ -148,5 +155,6 @@ class StagedClassifier(nnx.Module):
   def stage_channels(self) -> tuple[int, ...]:
     return self._stage_channels
 
-  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def __call__(self, x: jax.Array, *, train) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`train`: a bool, or one per stage and then the head's (see `run_stages`)."""
     return run_stages(self.stages, self.head, x, train=train)
