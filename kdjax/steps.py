@@ -121,6 +121,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
                             memory=memory)
   refused = state.replace(
       step=state.step + 1, nonfinite_updates=state.nonfinite_updates + 1,
+      opt_state=_schedules_step_on(state.opt_state, opt_state),
       first_nonfinite_step=jnp.where(state.first_nonfinite_step < 0, state.step, state.first_nonfinite_step),
       first_nonfinite_terms=jnp.where(state.first_nonfinite_step < 0, ~jnp.isfinite(term_values),
                                       state.first_nonfinite_terms))
@@ -128,6 +129,14 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
   outputs = {'loss': loss, **terms,
              **metrics_lib.classification_outputs(logits, labels, None if teacher_out is None else teacher_out[0])}
   return new_state, metrics_lib.collection(outputs).single_from_model_output(**outputs)
+
+
+def _schedules_step_on(old_opt_state, new_opt_state):
+  """A refused update's optimizer state: the old one, except that learning-rate schedules count the step, so that
+  skipped updates (`nonfinite='skip'`) do not leave the schedule behind the run's steps and phase ends."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  return jax.tree.map(lambda old, new: new if is_schedule(old) else old, old_opt_state, new_opt_state,
+                      is_leaf=is_schedule)
 
 
 def _keep_frozen(old_model_state, new_model_state, pattern):

@@ -1,4 +1,5 @@
 """Integration tests of the training loop on tiny digits runs (8 simulated devices unless said otherwise)."""
+import dataclasses
 import json
 import os
 import signal
@@ -144,6 +145,30 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
     phases = {checkpoint_step_meta(interrupted, s)['phase_name']
               for s in ocp.CheckpointManager(os.path.abspath(os.path.join(interrupted, 'checkpoints'))).all_steps()}
     assert phases  # meta records the phase
+
+
+def test_refused_updates_leave_the_parameters_but_step_the_schedule():
+  """nonfinite='skip': a NaN loss changes no parameter or moment, but the learning-rate schedule counts the step, so
+  it still reaches its end when the phase does."""
+  import dataclasses
+  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
+  spec, state = _ce_phase(model, (8, 8, 1), tx=optax.sgd(optax.cosine_decay_schedule(0.1, 10), momentum=0.9))
+  nan_objective = lambda student_out, *args, **kwargs: (jnp.float32(jnp.nan), {'ce': jnp.float32(jnp.nan)},
+                                                        kwargs['memory'])
+  spec = dataclasses.replace(spec, objective=nan_objective)
+  batch = {'image': jnp.zeros((4, 8, 8, 1), jnp.uint8), 'label': jnp.zeros((4,), jnp.int32)}
+  after = state
+  for _ in range(3):
+    after, _ = jax.jit(lambda s, b: steps.train_step(spec, s, None, b))(after, batch)
+  assert int(after.nonfinite_updates) == 3 and int(after.step) == 3
+  for old, new in zip(jax.tree.leaves(state.params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(old, new)
+  schedules = [s for s in jax.tree.leaves(after.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+               if isinstance(s, optax.ScaleByScheduleState)]
+  assert [int(s.count) for s in schedules] == [3]
+  momentum = [t for t in jax.tree.leaves(after.opt_state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+              if isinstance(t, optax.TraceState)]
+  assert all(not np.any(np.asarray(leaf)) for t in momentum for leaf in jax.tree.leaves(t.trace))
 
 
 def _one_ce_step(name, trainable, frozen_bn=True, train_modes=None, **model_args):
