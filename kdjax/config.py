@@ -8,6 +8,7 @@ the dataset is decoded.
 import copy
 import difflib
 import itertools
+import json
 import re
 from typing import Any, Callable, Iterable
 
@@ -218,6 +219,12 @@ def _check_phases(cfg):
       if ph.optimizer[key] not in choices:
         raise UserError(f'config `phases.{name}.optimizer.{key}` is {ph.optimizer[key]!r}; '
                         f'choose one of: {", ".join(sorted(choices))}')
+    opt = ph.optimizer
+    outside = [b for b in opt.boundaries_epochs if not opt.warmup_epochs <= b <= ph.epochs]
+    if opt.schedule == 'piecewise' and outside:
+      raise UserError(f'config `phases.{name}.optimizer.boundaries_epochs` {tuple(opt.boundaries_epochs)}: {outside} '
+                      f'lie outside the phase after its warm-up ({opt.warmup_epochs:g} to {ph.epochs:g} epochs); '
+                      'give decay epochs of the phase, after the warm-up')
 
 
 def _at_least(low, strict=False):
@@ -256,6 +263,31 @@ def _check_ranges(cfg) -> None:
         value = value[part]
       if not ok(value):
         raise UserError(f'config `{key}` must be {expected}, got {value!r}')
+
+
+def differing_keys(current: dict, recorded: dict) -> list[str]:
+  """The dotted keys where two configs (as JSON dicts) differ. A key the recorded config lacks counts as equal when
+  the current value is its default: runs recorded before kdjax added a key stay resumable and reusable."""
+  defaults, template = _flat_json(json.loads(base_config().to_json_best_effort())), _flat_json(
+      json.loads(phase(1, {}).to_json_best_effort()))
+  now, before = _flat_json(current), _flat_json(recorded)
+
+  def default(key):
+    parts = key.split('.')
+    return template.get('.'.join(parts[2:])) if parts[0] == 'phases' else defaults.get(key)
+
+  return sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key)
+                and not (key not in before and now[key] == default(key)))
+
+
+def _flat_json(tree, prefix='') -> dict[str, str]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_flat_json(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = json.dumps(value, sort_keys=True)
+  return out
 
 
 def teacher_workdirs(cfg) -> list[str]:

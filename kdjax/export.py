@@ -106,11 +106,17 @@ def run_spec(workdir: str) -> dict:
               compute_dtype=config.get('compute_dtype', 'float32'), **data)
 
 
+# The input normalisation of torchvision's (and timm's ResNet/VGG) ImageNet weights, on [0, 1] pixels.
+IMAGENET_NORMALIZATION = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
 def recorded_normalization(workdir: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
   """(mean, std) per channel that the model in `workdir` was trained with, on [0, 1] pixels: data.json of a
-  training run, config.json's `normalization` of an import; None when the run records none."""
-  record = read_json(os.path.join(workdir, DATA_FILE)) or read_json(
-      os.path.join(workdir, 'config.json')).get('normalization') or {}
+  training run, config.json's `normalization` of an import (ImageNet's for an import recorded before imports
+  recorded it: the only statistics the importer ever assumed); None when the run records none."""
+  imported = read_json(os.path.join(workdir, 'config.json'))
+  record = read_json(os.path.join(workdir, DATA_FILE)) or imported.get('normalization') or (
+      IMAGENET_NORMALIZATION if 'imported_from' in imported else {})
   if 'mean' not in record:
     return None
   return tuple(map(float, record['mean'])), tuple(map(float, record['std']))

@@ -51,8 +51,8 @@ def set_key(cfg, dotted: str, value) -> None:
 
 
 def axis_labels(keys) -> dict[str, str]:
-  """Each dotted key's shortest suffix that no other key shares: `temperature` alone, but `kd.temperature` and
-  `dkd.temperature` when both are axes (a cell's name and the CSV's columns must keep them apart)."""
+  """Each dotted key's last parts, as few as keep every key apart (one depth for all keys): `temperature` alone, but
+  `kd.temperature` and `dkd.temperature` when both are axes (a cell's name and the CSV's columns need them apart)."""
   keys = list(keys)
   depth = 1
   while True:
@@ -116,7 +116,7 @@ def finished_summary(child, child_dir):
       recorded = json.load(f)
   except FileNotFoundError:
     return None
-  if recorded != json.loads(child.to_json_best_effort()):
+  if config_lib.differing_keys(json.loads(child.to_json_best_effort()), recorded):
     return None
   logging.info('sweep: %s already finished, not rerun', child_dir)
   return summary

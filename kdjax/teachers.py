@@ -7,7 +7,7 @@ features = the first member's), so the trainer sees one model either way and not
 
 A teacher gets its inputs normalised as in its own training: the student's pipeline normalises with the student
 run's statistics, and `InputRenormalized` maps them to the teacher's recorded ones (an imported ImageNet model's,
-or those of a teacher trained on another split) when they differ.
+or those of a teacher trained on another split) when they differ; each ensemble member gets its own.
 """
 import os
 
@@ -71,18 +71,6 @@ def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, 
   return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
 
 
-def _teacher_normalization(workdirs: list[str]):
-  """The normalisation the teacher's members share, or None when none is recorded; members that differ stop."""
-  recorded = {workdir: found for workdir in workdirs
-              if (found := export.recorded_normalization(workdir)) is not None}
-  values = list(recorded.values())
-  if any(not np.allclose(np.ravel(v), np.ravel(values[0]), atol=1e-4) for v in values[1:]):
-    listing = '; '.join(f'{workdir}: mean {m}, std {s}' for workdir, (m, s) in recorded.items())
-    raise UserError(f'the teacher ensemble members were trained with different input normalisations ({listing}); '
-                    'list teacher runs trained on the same data in --config.teacher.workdir')
-  return values[0] if values else None
-
-
 class InputRenormalized(nnx.Module):
   """A teacher fed the student's normalised images, re-expressed in its own normalisation.
 
@@ -127,7 +115,8 @@ def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int],
   workdirs = config_lib.teacher_workdirs(cfg)
   architectures = [teacher_architecture(cfg, workdir) for workdir in workdirs]
   _check_members(cfg, workdirs, [name for name, _ in architectures])
-  members = [_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape, dtype=dtype)
+  # Each member fed as in its own training: members trained on other slices, or an import, may differ.
+  members = [renormalized(_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape,
+                                          dtype=dtype), export.recorded_normalization(workdir), mean, std)
              for workdir, (name, kwargs) in zip(workdirs, architectures)]
-  model = members[0] if len(members) == 1 else Ensemble(members)
-  return renormalized(model, _teacher_normalization(workdirs), mean, std)
+  return members[0] if len(members) == 1 else Ensemble(members)

@@ -72,25 +72,14 @@ def _check_workdir(cfg, workdir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    now, before = _flat(current), _flat(previous)
-    differing = [key for key in now | before if now.get(key) != before.get(key)
-                 and not any(key == c or key.startswith(c + '.') for c in RESUMABLE_CHANGES)]
+    differing = [key for key in config_lib.differing_keys(current, previous)
+                 if not any(key == c or key.startswith(c + '.') for c in RESUMABLE_CHANGES)]
     if differing:
       raise UserError(f'workdir {workdir} holds a different experiment (config differs in: '
                       f'{", ".join(sorted(differing)[:5])}); use another --workdir or delete that one')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     report.write_json(path, current, indent=2, sort_keys=True)  # atomic: another process may read it right now
-
-
-def _flat(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = json.dumps(value, sort_keys=True)
-  return out
 
 
 def load_teacher(cfg, data: run_data.RunData, dtype, mesh):
@@ -172,7 +161,7 @@ def _normalized_as_init(cfg, data: run_data.RunData) -> run_data.RunData:
 def _train_modes(student, params, ph) -> tuple[bool, ...] | None:
   """With `frozen_eval`: per stage and then the head, whether phase `ph` trains any of its parameters (the others run
   in inference mode); None when everything trains, the phase does not ask, or the model has no stages (ensembles)."""
-  if not ph.frozen_eval or not hasattr(student, 'stages'):
+  if not ph.get('frozen_eval', False) or not hasattr(student, 'stages'):
     return None
   trained = [state_lib.path_string(path)
              for path, _ in nnx.to_flat_state(state_lib.split_trainable(params, ph.trainable)[0])]

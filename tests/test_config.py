@@ -1,4 +1,7 @@
 """Config validation: every user mistake is one UserError naming the fix."""
+import copy
+import json
+
 import pytest
 
 from kdjax import config as config_lib
@@ -45,6 +48,10 @@ def test_tiny_configs_are_valid():
     (lambda c: c.phases.train.update(trainable='^stages/(0/'), 'is not a regular expression'),
     (lambda c: c.repeats.update(seeds=()), 'give distinct seeds, at least one'),
     (lambda c: c.repeats.update(seeds=(0, 0)), 'give distinct seeds'),
+    (lambda c: c.phases.train.optimizer.update(schedule='piecewise', boundaries_epochs=(2.0, 9.0)),
+     '[9.0] lie outside the phase after its warm-up (0 to 4 epochs)'),
+    (lambda c: c.phases.train.optimizer.update(schedule='piecewise', boundaries_epochs=(0.5,), warmup_epochs=1.0),
+     '[0.5] lie outside the phase after its warm-up (1 to 4 epochs)'),
     # A sweep's every cell is validated as the run it will be: the bad value sits in the second cell.
     (lambda c: c.update(suite='sweep') or c.sweep.update(grid='phases.train.losses.kd.alpha=0.5,1.5'),
      'sweep cell alpha=1.5: config `phases.train.losses.kd`: `alpha` must be in [0, 1], got 1.5'),
@@ -94,3 +101,18 @@ def test_a_sub_config_at_two_places_is_refused():
   cfg.schedule = ('a', 'b')
   with pytest.raises(UserError, match='`phases.a.optimizer` and `phases.b.optimizer` are one shared object'):
     config_lib.validate(cfg)
+
+
+def test_a_run_recorded_before_a_key_existed_still_matches():
+  """A key kdjax added since a run was recorded, at its default, is no difference (the run resumes, a suite reuses
+  it); set to anything else, it is."""
+  cfg = tiny.get_config('ce')
+  current = json.loads(cfg.to_json_best_effort())
+  recorded = copy.deepcopy(current)
+  del recorded['phases']['train']['frozen_eval']
+  del recorded['data']['heldout_split']
+  assert config_lib.differing_keys(current, recorded) == []
+  cfg.phases.train.frozen_eval = True
+  assert config_lib.differing_keys(json.loads(cfg.to_json_best_effort()), recorded) == ['phases.train.frozen_eval']
+  recorded['phases']['train']['epochs'] = 99.0
+  assert config_lib.differing_keys(current, recorded) == ['phases.train.epochs']

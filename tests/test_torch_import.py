@@ -330,3 +330,13 @@ def test_cli(tmp_path, capsys):
 
   assert torch_import.main(['resnet18', str(path), str(tmp_path / 'other'), '--num-classes', '3']) == 2
   assert 'num_classes=10' in capsys.readouterr().err
+  own = str(tmp_path / 'own_statistics')
+  assert torch_import.main(['resnet18', str(path), own, '--mean', '0.5', '0.5', '0.5', '--std', '0.2', '0.2', '0.2']) == 0
+  assert export.recorded_normalization(own) == ((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+  # An import written before imports recorded their statistics: ImageNet's, the only ones the importer assumed.
+  with open(os.path.join(workdir, 'config.json')) as f:
+    info = json.load(f)
+  del info['normalization']
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(info, f)
+  assert export.recorded_normalization(workdir) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

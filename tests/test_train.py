@@ -153,8 +153,9 @@ def test_refused_updates_leave_the_parameters_but_step_the_schedule():
   import dataclasses
   model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16, dropout=0.0)
   spec, state = _ce_phase(model, (8, 8, 1), tx=optax.sgd(optax.cosine_decay_schedule(0.1, 10), momentum=0.9))
-  nan_objective = lambda student_out, *args, **kwargs: (jnp.float32(jnp.nan), {'ce': jnp.float32(jnp.nan)},
-                                                        kwargs['memory'])
+  # NaN through the logits, so the gradients are NaN too: an applied update would change the parameters.
+  nan_objective = lambda student_out, *args, **kwargs: (
+      jnp.nan * jnp.sum(student_out[0]), {'ce': jnp.nan * jnp.sum(student_out[0])}, kwargs['memory'])
   spec = dataclasses.replace(spec, objective=nan_objective)
   batch = {'image': jnp.zeros((4, 8, 8, 1), jnp.uint8), 'label': jnp.zeros((4,), jnp.int32)}
   after = state

@@ -59,7 +59,7 @@ def to_array(image: Image.Image, image_size: int | None) -> np.ndarray:
     raise ValueError('32-bit float image; convert it to 8- or 16-bit integers')
   if image.mode in _16_BIT_MODES:
     wide = np.asarray(image).astype(np.int64)
-    image = Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8), mode='L')
+    image = Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8))  # 2-D uint8: mode L
   mode = 'L' if image.mode in GRAY_MODES else 'RGB'
   if image.mode != mode:
     image = image.convert(mode)

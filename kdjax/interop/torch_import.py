@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kdjax import export
 from kdjax.errors import UserError
 from kdjax.models import create_model
 from kdjax.models.vgg import VGG_CONFIGS
@@ -312,10 +313,6 @@ def from_torch_module(model_name: str, torch_module: Any, **kwargs) -> nnx.Modul
   return convert_state_dict(model_name, torch_module.state_dict(), **kwargs)
 
 
-# The input normalisation of torchvision's (and timm's ResNet/VGG) ImageNet weights, on [0, 1] pixels.
-IMAGENET_NORMALIZATION = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
 def save_as_teacher_run(
   module: nnx.Module,
   workdir: str,
@@ -340,7 +337,7 @@ def save_as_teacher_run(
   head = 'fresh: randomly initialised, fine-tune it before distilling logits' if fresh_head else 'imported'
   info = dict(imported_from=source, format='torchvision/timm state_dict', teacher=dict(name=model_name),
               num_classes=num_classes, head=head, checkpoint='best/0',
-              normalization={k: list(v) for k, v in (normalization or IMAGENET_NORMALIZATION).items()})
+              normalization={k: list(v) for k, v in (normalization or export.IMAGENET_NORMALIZATION).items()})
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'best')),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   try:
@@ -364,12 +361,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's classifier rows")
   parser.add_argument('--fresh-head', action='store_true',
                       help='import everything but the classifier and leave a new head (required for VGG)')
+  parser.add_argument('--mean', type=float, nargs='+', default=None,
+                      help="per-channel input mean the weights were trained with, on [0, 1] pixels (default "
+                           "ImageNet's 0.485 0.456 0.406)")
+  parser.add_argument('--std', type=float, nargs='+', default=None, help="per-channel input std (default ImageNet's)")
   args = parser.parse_args(argv)
+  if (args.mean is None) != (args.std is None) or (args.mean and len(args.mean) != len(args.std)):
+    parser.error('give --mean and --std together, one value per channel each')
   try:
     state_dict = load_torch_checkpoint(args.checkpoint)
     model = convert_state_dict(args.model, state_dict, num_classes=args.num_classes, fresh_head=args.fresh_head)
     save_as_teacher_run(model, args.workdir, model_name=args.model, source=os.path.abspath(args.checkpoint),
-                        fresh_head=args.fresh_head)
+                        fresh_head=args.fresh_head,
+                        normalization=dict(mean=args.mean, std=args.std) if args.mean else None)
   except UserError as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
     return 2
