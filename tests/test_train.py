@@ -323,3 +323,16 @@ def test_every_augmentation_runs_in_the_sharded_step(name):
   batch = data.train_batch(data.epoch_order(0, 0), 0, 32)
   state, metrics = step_fn(state, None, batch)
   assert np.isfinite(float(metrics.compute()['loss']))
+
+
+def test_a_schedule_can_leave_out_phases_from_the_command_line(tmp_path, teacher_workdir):
+  """Phases missing from `schedule` are not run: the run is the listed phases' steps, in that order."""
+  workdir = str(tmp_path / 'part')
+  run_main('--config', f'{TINY}:stagewise', '--workdir', workdir, f'--config.teacher.workdir={teacher_workdir}',
+           '--config.schedule=("stage1","classifier")', '--config.keep_checkpoints=20', check=True)
+  names = {checkpoint_step_meta(workdir, step)['phase_name']
+           for step in ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints'))).all_steps()}
+  assert names == {'stage1', 'classifier'}
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  full = tiny.get_config('stagewise')
+  assert summary['epochs'] == full.phases.stage1.epochs + full.phases.classifier.epochs
