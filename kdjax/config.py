@@ -203,6 +203,8 @@ def _check_phases(cfg):
   # A phase left out of `schedule` is not run (still checked): `--config.schedule='("stage0","classifier")'` runs part
   # of a config's schedule from the command line, where a phase cannot be deleted.
   for name, ph in cfg.phases.items():
+    if not isinstance(ph, ml_collections.ConfigDict):
+      raise UserError(f'config `phases.{name}` is {ph!r}, not a phase; build it with kdjax.config.phase(...)')
     _check_known_keys({k: v for k, v in ph.items() if k != 'losses'}, template, f'phases.{name}.')
     try:
       re.compile(ph.trainable)
