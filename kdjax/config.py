@@ -298,8 +298,9 @@ def teacher_workdirs(cfg) -> list[str]:
 
 
 def uses_teacher(cfg) -> bool:
+  """Whether a phase the schedule runs has a loss that needs the teacher."""
   from kdjax import objective
-  return any(objective.TERMS[t.kind].needs_teacher for ph in cfg.phases.values() for t in ph.losses.values())
+  return any(objective.TERMS[t.kind].needs_teacher for name in cfg.schedule for t in cfg.phases[name].losses.values())
 
 
 def _check_no_shared_nodes(cfg, prefix='', seen=None) -> None:
@@ -372,7 +373,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.teacher.cache and uses_teacher(cfg):
     from kdjax import objective, teacher_cache
     teacher_cache.check_cacheable(cfg.data.augment, [
-        f'phases.{name}.losses.{term}' for name, ph in cfg.phases.items() for term, t in ph.losses.items()
+        f'phases.{name}.losses.{term}' for name in cfg.schedule for term, t in cfg.phases[name].losses.items()
         if objective.TERMS[t.kind].uses_features])
 
 

@@ -116,3 +116,13 @@ def test_a_run_recorded_before_a_key_existed_still_matches():
   assert config_lib.differing_keys(json.loads(cfg.to_json_best_effort()), recorded) == ['phases.train.frozen_eval']
   recorded['phases']['train']['epochs'] = 99.0
   assert config_lib.differing_keys(current, recorded) == ['phases.train.epochs']
+
+
+def test_only_the_scheduled_phases_decide_whether_a_teacher_is_needed():
+  cfg = tiny.get_config('stagewise')  # feature phases need the teacher, the classifier phase does not
+  assert cfg.teacher.workdir == '' and config_lib.uses_teacher(cfg)
+  with pytest.raises(UserError, match='teacher.workdir` is empty'):
+    config_lib.validate(cfg)
+  cfg.schedule = ('classifier',)
+  assert not config_lib.uses_teacher(cfg)
+  config_lib.validate(cfg)
