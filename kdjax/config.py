@@ -7,7 +7,6 @@ the dataset is decoded.
 """
 import copy
 import difflib
-import itertools
 import json
 import re
 from typing import Any, Callable, Iterable
@@ -318,25 +317,19 @@ def _check_no_shared_nodes(cfg, prefix='', seen=None) -> None:
 
 
 def _check_seeds(cfg) -> None:
-  for key in ('repeats.seeds', 'sweep.best_cell_seeds'):
-    seeds = list(cfg.repeats.seeds if key == 'repeats.seeds' else cfg.sweep.best_cell_seeds)
-    if len(set(seeds)) != len(seeds) or (key == 'repeats.seeds' and not seeds):
-      raise UserError(f'config `{key}` is {tuple(seeds)}; give distinct seeds' +
-                      (', at least one, e.g. (0, 1, 2)' if key == 'repeats.seeds' else ''))
+  for key, seeds, at_least_one in (('repeats.seeds', tuple(cfg.repeats.seeds), True),
+                                   ('sweep.best_cell_seeds', tuple(cfg.sweep.best_cell_seeds), False)):
+    if len(set(seeds)) != len(seeds) or (at_least_one and not seeds):
+      raise UserError(f'config `{key}` is {seeds}; give distinct seeds' +
+                      (', at least one, e.g. (0, 1, 2)' if at_least_one else ''))
 
 
 def _check_sweep_cells(cfg, num_devices: int) -> None:
   """Every cell of the grid as the run it will be: a bad value in the last cell must not cost the cells before."""
   from kdjax import sweep
-  axes = sweep.parse_grid(cfg.sweep.grid, cfg)
-  for values in itertools.product(*(v for _, v in axes)):
-    assignment = dict(zip((k for k, _ in axes), values))
-    child = single_run(cfg, seed=int(cfg.repeats.seeds[0]))
+  for assignment in sweep.grid_assignments(cfg):
     try:
-      with child.unlocked():
-        for key, value in assignment.items():
-          sweep.set_key(child, key, value)
-      validate(child, num_devices)
+      validate(sweep.cell_config(cfg, assignment, cfg.repeats.seeds[0]), num_devices)
     except (UserError, TypeError, ValueError) as error:
       raise UserError(f'sweep cell {sweep.cell_name(assignment)}: {error}') from None
 

@@ -42,7 +42,7 @@ def _literal(text: str):
     return text
 
 
-def set_key(cfg, dotted: str, value) -> None:
+def _set(cfg, dotted: str, value) -> None:
   *parents, last = dotted.split('.')
   node = cfg
   for part in parents:
@@ -74,10 +74,8 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
   the best of many cells on few seeds flatters the winner, and the extra seeds' mean is an estimate free of that
   selection (reported separately as well as pooled into the cell's row).
   """
-  axes = parse_grid(cfg.sweep.grid, cfg)
   cells = []
-  for values in itertools.product(*(v for _, v in axes)):
-    assignment = dict(zip((k for k, _ in axes), values))
+  for assignment in grid_assignments(cfg):
     cells.append(dict(cell=cell_name(assignment), assignment=assignment,
                       runs=_run_cell(cfg, workdir, assignment, cfg.repeats.seeds, run_one)))
   extra = [s for s in cfg.sweep.best_cell_seeds if s not in cfg.repeats.seeds]
@@ -88,13 +86,25 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
   return write_sweep_results(workdir, cells)
 
 
+def grid_assignments(cfg) -> list[dict]:
+  """Every cell of `sweep.grid`, as {dotted key: value}, in the grid's order."""
+  axes = parse_grid(cfg.sweep.grid, cfg)
+  return [dict(zip((k for k, _ in axes), values)) for values in itertools.product(*(v for _, v in axes))]
+
+
+def cell_config(cfg, assignment: dict, seed: int):
+  """The config of one run of a cell: a single run of `cfg` at `seed`, with the cell's values set."""
+  child = config_lib.single_run(cfg, seed=int(seed))
+  with child.unlocked():
+    for key, value in assignment.items():
+      _set(child, key, value)
+  return child
+
+
 def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]:
   summaries = []
   for seed in seeds:
-    child = config_lib.single_run(cfg, seed=int(seed))
-    with child.unlocked():
-      for key, value in assignment.items():
-        set_key(child, key, value)
+    child = cell_config(cfg, assignment, seed)
     child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
     summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
   return summaries
