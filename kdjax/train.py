@@ -158,13 +158,13 @@ def _normalized_as_init(cfg, data: run_data.RunData) -> run_data.RunData:
   return dataclasses.replace(data, mean=recorded[0], std=recorded[1])
 
 
-def _train_modes(student, params, ph) -> tuple[bool, ...] | None:
+def _train_modes(student, trained_params, ph) -> tuple[bool, ...] | None:
   """With `frozen_eval`: per stage and then the head, whether phase `ph` trains any of its parameters (the others run
-  in inference mode); None when everything trains, the phase does not ask, or the model has no stages (ensembles)."""
+  in inference mode); None when everything trains, the phase does not ask, or the model has no stages (ensembles).
+  `trained_params`: the student parameters the phase trains."""
   if not ph.get('frozen_eval', False) or not hasattr(student, 'stages'):
     return None
-  trained = [state_lib.path_string(path)
-             for path, _ in nnx.to_flat_state(state_lib.split_trainable(params, ph.trainable)[0])]
+  trained = [state_lib.path_string(path) for path, _ in nnx.to_flat_state(trained_params)]
   modes = tuple(any(p.startswith(f'stages/{i}/') for p in trained) for i in range(len(student.stages)))
   modes += (any(p.startswith('head/') for p in trained),)
   return None if all(modes) else modes
@@ -197,9 +197,9 @@ def build_run(cfg, workdir: str) -> Run:
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
   adapter_patterns = [objective_lib.phase_adapter_pattern(ph, student.stage_channels, teacher_channels)
                       if teacher else objective_lib.NO_ADAPTERS for ph in phases]
-  for name, ph, pattern in zip(cfg.schedule, phases, adapter_patterns):
-    if not (jax.tree.leaves(state_lib.split_trainable(params, ph.trainable)[0]) or
-            jax.tree.leaves(state_lib.split_trainable(adapter_params, pattern)[0])):
+  trained = [state_lib.split_trainable(params, ph.trainable)[0] for ph in phases]
+  for name, ph, phase_trained, pattern in zip(cfg.schedule, phases, trained, adapter_patterns):
+    if not (jax.tree.leaves(phase_trained) or jax.tree.leaves(state_lib.split_trainable(adapter_params, pattern)[0])):
       raise UserError(f'phase `{name}` would train nothing: `phases.{name}.trainable` {ph.trainable!r} matches no '
                       f'parameter of {cfg.student.name} (paths such as '
                       f'{", ".join(state_lib.path_string(p) for p, _ in list(nnx.to_flat_state(params))[:2])})')
@@ -218,7 +218,7 @@ def build_run(cfg, workdir: str) -> Run:
              adapter_params=adapter_params, preprocess=preprocess,
              plan=PhasePlan.from_config(cfg, data.train.num_examples), phases=phases,
              adapter_patterns=adapter_patterns,
-             train_modes=[_train_modes(student, params, ph) for ph in phases],
+             train_modes=[_train_modes(student, phase_trained, ph) for phase_trained, ph in zip(trained, phases)],
              replicated=mesh_lib.replicated(mesh))
 
 
