@@ -323,14 +323,13 @@ def main(argv=None) -> dict:
   unknown = set(sides) - {'peer', 'kdjax'}
   if unknown:
     raise SystemExit(f'unknown side(s) {", ".join(sorted(unknown))}; choose from peer, kdjax')
+  from benchmarks import common
   rows = []
   if 'peer' in sides:  # first: JAX reserves most of the GPU's memory once it starts
     rows.append(peer_side(args, argv))
-    from benchmarks import common
     common.write_json(args.json, dict(partial=True, sides={row['side']: row for row in rows}))  # if cut short
   if 'kdjax' in sides:
     rows.append(kdjax_side(args))
-  from benchmarks import common
   for row in rows:
     row.update(teacher=args.teacher, student=args.student, image_size=args.image_size)
     row['probe_log'] = row.pop('probes', [])

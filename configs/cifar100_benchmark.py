@@ -4,10 +4,11 @@ SGD lr 0.05, batch 64, 240 epochs, x0.1 at epochs 150/180/210, weight decay 5e-4
 Args: `teacher` (resnet32x4 on labels), `kd` (CE weight 0.1 + KD weight 0.9 at T=4), `dkd` (CE + DKD with
 alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embeddings of the pooled last stage,
 each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
-RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels). Data: `cifar100` from tfds (needs `tfds
-build cifar100` with internet) or `--config.data.dataset=PATH` of an image folder / .tar.gz; `:kd,cifar10` runs the
-same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD here contrasts with InfoNCE, not the paper's NCE (see
-`kdjax.losses.crd_nce`). Not yet run on a GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
+RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels).
+Data: `cifar100` from tfds (needs `tfds build cifar100` with internet) or `--config.data.dataset=PATH` of an image
+folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD here contrasts
+with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`). Not yet run on a GPU; `cifar10_methods.py` runs the
+same methods at a CPU budget.
 """
 from kdjax.config import base_config, loss_term, optimizer, phase
 
