@@ -69,9 +69,8 @@ def _check_workdir(cfg, workdir: str) -> None:
   """Refuse a workdir that holds a different experiment's checkpoints; record this config otherwise."""
   path = os.path.join(workdir, 'config.json')
   current = json.loads(cfg.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  previous = export.read_json(path)
+  if previous:
     differing = [key for key in config_lib.differing_keys(current, previous)
                  if not any(key == c or key.startswith(c + '.') for c in RESUMABLE_CHANGES)]
     if differing:
