@@ -15,7 +15,7 @@ the same student as an uncached one, to the tolerance of the 8-vs-1-device test)
 Cost and sharing: building costs `num_views` epochs of teacher forward passes, so on one run it pays only when the
 run is longer than that (flip: after 2 epochs; crop+flip: after 162). Runs that share teacher and data (the cells
 and seeds of a sweep, repeats) share the table: it is saved under the data cache dir, keyed by a hash of the
-teacher's variables, the training images and labels, the augmentation, dtype, batch size and device count, and the
+teacher's structure and variables, the training images and labels, the augmentation, dtype, batch size and device count, and the
 next run loads it instead of recomputing. Memory: num_views x examples x classes values of the teacher's logit dtype
 (CIFAR-10 crop+flip in float32: 162 x 50,000 x 10 x 4 B = 324 MB; CIFAR-100: 3.2 GB), replicated on each device.
 
@@ -26,6 +26,7 @@ feature maps of 162 views of a dataset would not fit).
 import dataclasses
 import hashlib
 import os
+import re
 from typing import Callable
 
 import jax
@@ -39,8 +40,9 @@ from kdjax.data import cache as cache_lib
 from kdjax.data import loader
 from kdjax.errors import UserError
 
-# Bump when the table's layout or the way it is computed changes (2: teachers see their own normalisation).
-_VERSION = 2
+# Bump when the table's layout or the way it is computed changes (2: teachers see their own normalisation; 3: the
+# key holds the teacher's structure).
+_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +72,15 @@ def check_cacheable(augment_name: str, feature_terms: list[str]) -> augment.Disc
 
 
 def _fingerprint(*trees) -> str:
-  """sha256 of the arrays' bytes, shapes and dtypes (this process's copy of each replicated array)."""
+  """sha256 of the arrays' bytes, shapes and dtypes (this process's copy of each replicated array).
+
+  RNG keys (a dropout layer's stream) are left out: the teacher runs in inference mode, where they change nothing,
+  and key arrays have no bytes to read.
+  """
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(trees):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      continue
     host = np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array) else np.asarray(leaf)
     digest.update(f'{host.shape}{host.dtype}'.encode())
     digest.update(np.ascontiguousarray(host).tobytes())
@@ -115,13 +123,28 @@ def _local(array: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def _structure(graphdef) -> str:
+  """The teacher's module structure with its static settings (strides, an `InputRenormalized` map's scale and
+  shift, ...): what, besides its variables, decides its outputs. Function addresses are dropped from the repr, so
+  the same model gives the same text in every process."""
+  return re.sub(r' at 0x[0-9a-f]+', '', repr(graphdef))
+
+
+def table_key(teacher, teacher_vars, dataset: loader.ResidentDataset, augment_name: str, preprocess,
+              batch_size: int) -> str:
+  """What the table depends on: the teacher (structure and variables), the training data, the views and the way
+  the step computes them (normalisation, dtype, batch size, device count)."""
+  return cache_lib.digest(_VERSION, _structure(teacher.graphdef), _fingerprint(teacher_vars),
+                          _fingerprint(dataset.images, dataset.labels), augment_name, preprocess.image_size,
+                          preprocess.mean, preprocess.std, jnp.dtype(preprocess.dtype).name, batch_size,
+                          jax.device_count())
+
+
 def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augment_name: str, preprocess,
                   batch_size: int, cache_dir: str | None) -> tuple[CachedTeacher, jax.Array]:
   """The cached teacher and its table: loaded when a run with the same teacher and data saved it, else built."""
   pipeline = augment.get_augmentation(augment_name)
-  key = cache_lib.digest(_VERSION, _fingerprint(teacher_vars), _fingerprint(dataset.images, dataset.labels),
-                         augment_name, preprocess.image_size, preprocess.mean, preprocess.std,
-                         jnp.dtype(preprocess.dtype).name, batch_size, jax.device_count())
+  key = table_key(teacher, teacher_vars, dataset, augment_name, preprocess, batch_size)
   folder = os.path.join(cache_lib.cache_root(cache_dir), 'teacher_outputs', key)
   path = os.path.join(folder, 'logits.npy')
   cached = CachedTeacher(sample_views=pipeline.sample)

@@ -9,6 +9,7 @@ from kdjax import config as config_lib
 from kdjax import mesh as mesh_lib
 from kdjax import steps
 from kdjax import teacher_cache
+from kdjax import teachers
 from kdjax import train
 from kdjax.data import augment
 from kdjax.data import loader
@@ -119,3 +120,25 @@ def test_cache_is_refused_where_it_cannot_be_exact(teacher_workdir, change, mess
   with pytest.raises(UserError, match='teacher.cache') as error:
     config_lib.validate(cfg, jax.device_count())
   assert message in str(error.value) and 'set --config.teacher.cache=False' in str(error.value)
+
+
+def test_table_key_follows_the_teachers_structure_and_skips_its_rng_keys():
+  """A teacher with dropout (RNG keys among its variables) gets a key; the same weights behind another input
+  normalisation, which gives other logits, get another key; rebuilding the same teacher gives the same key."""
+  mesh = mesh_lib.make_data_mesh()
+  rng = np.random.default_rng(0)
+  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+                                            rng.integers(0, 10, (16,)), mesh)
+  preprocess = steps.Preprocess(augment=None, evaluate=None, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=np.float32,
+                                image_size=8)
+
+  def key_of(recorded):
+    model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0), hidden=16, dropout=0.5)
+    graphdef, variables = nnx.split(teachers.renormalized(model, recorded, preprocess.mean, preprocess.std))
+    assert any(jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in jax.tree.leaves(variables))
+    return teacher_cache.table_key(steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh), data, 'flip',
+                                   preprocess, 16)
+
+  own = key_of(None)
+  assert key_of(None) == own
+  assert key_of(((0.4,) * 3, (0.2,) * 3)) != own
