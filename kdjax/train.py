@@ -223,7 +223,11 @@ def build_run(cfg, workdir: str) -> Run:
 
 @dataclasses.dataclass
 class Bookkeeping:
-  """What the loop keeps across phases besides the state: outputs, best accuracy, timings."""
+  """What the loop keeps across phases besides the state: outputs, best accuracy, timings.
+
+  The timings add up over the invocations of a resumed run: each checkpoint records them as they stood at its step
+  (`clock`), and a resumed run starts from those (the work after the last checkpoint is redone, so not counted).
+  """
   checkpoints: ckpt_lib.Checkpoints
   writer: Any
   history: report.History
@@ -233,17 +237,34 @@ class Bookkeeping:
   compile_s: float = 0.0
   train_s: float = 0.0
   train_images: int = 0
+  wall_s: float = 0.0   # of earlier invocations, up to the checkpoint this one resumed from
+  started: float = dataclasses.field(default_factory=time.time)
+
+  @classmethod
+  def resumed(cls, clock: dict, **kwargs) -> 'Bookkeeping':
+    """Picks up the timings a checkpoint recorded (none for a fresh run or an older checkpoint)."""
+    return cls(**kwargs, **{name: clock[name] for name in CLOCK if name in clock})
+
+  def clock(self, now: float, steady_s: float, images: int) -> dict:
+    """The timings at `now`, with `steady_s` seconds and `images` images of the current phase not yet added."""
+    return dict(compile_s=self.compile_s, train_s=self.train_s + steady_s, train_images=self.train_images + images,
+                wall_s=self.wall_s + now - self.started)
+
+
+CLOCK = ('compile_s', 'train_s', 'train_images', 'wall_s')  # the timings checkpoints record
 
 
 def restore_or_init(run: Run, checkpoints: ckpt_lib.Checkpoints):
-  """(phase index, optimizer, state, best top-1) from the newest good checkpoint, or a fresh start."""
+  """(phase index, optimizer, state, best top-1, timings so far) from the newest good checkpoint, or a fresh
+  start."""
   restored = checkpoints.restore_latest(lambda meta: jax.tree.map(_abstract, run.phase_state(meta['phase'])[1]))
   if restored is None:
     tx, state = run.phase_state(0)
-    return 0, tx, state, -1.0
+    return 0, tx, state, -1.0, {}
   state, meta = restored
   logging.info('resumed from step %d (phase %s)', int(state.step), run.plan.names[meta['phase']])
-  return meta['phase'], run.phase_state(meta['phase'])[0], jax.device_put(state, run.replicated), meta['best_top1']
+  return (meta['phase'], run.phase_state(meta['phase'])[0], jax.device_put(state, run.replicated),
+          meta['best_top1'], meta.get('clock', {}))
 
 
 def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
@@ -287,9 +308,10 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
     if at_eval or at_checkpoint:  # evaluating and saving are not training time: keep them off the img/s clock
       jax.block_until_ready(state.step)
       t_pause = time.time()
+      clock = book.clock(t_pause, t_pause - t_steady - paused_s, (step - first_step - 1) * cfg.batch_size)
       if at_eval:  # the training clock (compile, evaluation and checkpoints excluded) for time-to-accuracy
-        _write(book, step, 'time', {'train_s': book.train_s + t_pause - t_steady - paused_s})
-      _evaluate_and_save(run, k, step, state, book, at_eval)
+        _write(book, step, 'time', {'train_s': clock['train_s']})
+      _evaluate_and_save(run, k, step, state, book, at_eval, clock)
       paused_s += time.time() - t_pause
   jax.block_until_ready(state.step)
   if step > first_step + 1:
@@ -304,16 +326,19 @@ def _write(book: Bookkeeping, step: int, prefix: str, values) -> None:
   book.history.record(step, scalars)
 
 
-def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at_eval: bool) -> None:
-  """Evaluate (at eval steps) and checkpoint: every eval and phase end by default, else every N steps + the best."""
+def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at_eval: bool, clock: dict) -> None:
+  """Evaluate (at eval steps) and checkpoint: every eval and phase end by default, else every N steps + the best.
+
+  history.json is saved first, so the rows logged up to a checkpoint outlive a kill after it."""
   improved = False
   if at_eval:
     book.last_eval = run.evaluate(state, run.data.eval)
     _write(book, step, 'eval', book.last_eval)
-    book.history.save()
     improved = book.last_eval['top1'] > book.best_top1
     book.best_top1 = max(book.best_top1, book.last_eval['top1'])
-  meta = dict(phase=k, phase_name=run.plan.names[k], epoch=step / run.plan.steps_per_epoch, best_top1=book.best_top1)
+  book.history.save()
+  meta = dict(phase=k, phase_name=run.plan.names[k], epoch=step / run.plan.steps_per_epoch, best_top1=book.best_top1,
+              clock=clock)
   every_n = run.cfg.checkpoint_every_steps
   if (every_n == 0 and at_eval) or (every_n and step % every_n == 0) or step == run.plan.ends[k]:
     book.checkpoints.save(state, meta, best=improved)
@@ -325,13 +350,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   """Train (or resume) the run described by `cfg` in `workdir`; return its summary."""
   run = build_run(cfg, workdir)
   checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
-  phase_index, tx, state, best_top1 = restore_or_init(run, checkpoints)
+  phase_index, tx, state, best_top1, clock = restore_or_init(run, checkpoints)
   start_step = int(jax.device_get(state.step))
   writer = writers.create_writer(workdir)
-  book = Bookkeeping(checkpoints=checkpoints, writer=writer, history=report.History(workdir, upto_step=start_step),
-                     progress=writers.create_progress(run.plan.ends[-1], writer, cfg.log_every_steps),
-                     best_top1=best_top1)
-  t_start = time.time()
+  book = Bookkeeping.resumed(clock, checkpoints=checkpoints, writer=writer,
+                             history=report.History(workdir, upto_step=start_step),
+                             progress=writers.create_progress(run.plan.ends[-1], writer, cfg.log_every_steps),
+                             best_top1=best_top1)
   for k in range(phase_index, len(run.phases)):
     if run.plan.ends[k] <= start_step:
       continue
@@ -339,11 +364,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       tx, state = run.phase_state(k, state)
     state = train_phase(run, k, tx, state, book)
   checkpoints.close()
-  return _finish(run, state, book, time.time() - t_start)
+  return _finish(run, state, book, book.wall_s + time.time() - book.started)
 
 
 def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
-  """The run's summary (also summary.json), history and curves."""
+  """The run's summary (also summary.json), history and curves; the timings cover every invocation of the run."""
   cfg = run.cfg
   last_eval = book.last_eval or run.evaluate(state, run.data.eval)  # a finished run re-run: just report
   steps_done = int(jax.device_get(state.step))

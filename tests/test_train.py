@@ -336,3 +336,40 @@ def test_a_schedule_can_leave_out_phases_from_the_command_line(tmp_path, teacher
   summary = json.load(open(os.path.join(workdir, 'summary.json')))
   full = tiny.get_config('stagewise')
   assert summary['epochs'] == full.phases.stage1.epochs + full.phases.classifier.epochs
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_timings_add_up_over_a_resumed_run_and_survive_a_rerun(tmp_path, monkeypatch):
+  """Stopped right after its checkpoint at step 44 of 88 and resumed: the training clock in history.json keeps
+  counting from where the checkpoint left it, and the summary's timings cover both invocations. Re-running the
+  finished run trains nothing and keeps the timings rather than reporting zeros."""
+  workdir = str(tmp_path / 'run')
+  save = train._evaluate_and_save
+
+  def save_then_stop(run, k, step, state, book, at_eval, clock):
+    save(run, k, step, state, book, at_eval, clock)
+    if step == 44:
+      book.checkpoints.close()
+      raise _Killed
+  monkeypatch.setattr(train, '_evaluate_and_save', save_then_stop)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  first = checkpoint_step_meta(workdir, 44)['clock']
+  assert first['compile_s'] > 0 and first['train_s'] > 0 and first['train_images'] == 43 * 32
+
+  summary = train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  assert summary['steps'] == 88
+  assert summary['compile_s'] > first['compile_s'] and summary['wall_s'] > first['wall_s']
+  with open(os.path.join(workdir, 'history.json')) as f:
+    clock = [row['time/train_s'] for row in json.load(f) if 'time/train_s' in row]
+  assert len(clock) == 4 and clock == sorted(clock) and clock[2] > first['train_s'], clock
+  # 2 x 43 steps timed (each invocation's first step compiles)
+  assert summary['train_images_per_s'] == pytest.approx(86 * 32 / checkpoint_step_meta(workdir, 88)['clock']
+                                                        ['train_s'], rel=0.05)
+
+  again = train.train_and_evaluate(tiny.get_config('ce'), workdir)
+  for key in ('compile_s', 'wall_s', 'train_images_per_s'):
+    assert again[key] == pytest.approx(summary[key], rel=0.05), key
