@@ -11,8 +11,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
-from flax import nnx, serialization
+from flax import nnx, serialization, traverse_util
 from PIL import Image
 
 from kdjax.data import images as decoding
@@ -32,16 +33,37 @@ class Predictor:
   def load(cls, path: str) -> 'Predictor':
     """From an export folder, or from a run's workdir (its best checkpoint, else the latest)."""
     if os.path.exists(os.path.join(path, 'params.msgpack')):
-      with open(os.path.join(path, 'model.json')) as f:
+      return cls._from_export(path)
+    return cls._from_run(path)
+
+  @classmethod
+  def _from_export(cls, folder: str) -> 'Predictor':
+    """The model of an export folder; a damaged or mismatched folder is a UserError naming what is wrong."""
+    redo = f'export the run again (--mode=export --workdir RUN) to replace {folder}'
+    try:
+      with open(os.path.join(folder, 'model.json')) as f:
         spec = json.load(f)
       model = _build(spec)
-      with open(os.path.join(path, 'params.msgpack'), 'rb') as f:
+      with open(os.path.join(folder, 'params.msgpack'), 'rb') as f:
         pure = serialization.msgpack_restore(f.read())
-      variables = nnx.state(model, (nnx.Param, nnx.BatchStat))
-      nnx.replace_by_pure_dict(variables, pure)
-      nnx.update(model, variables)
-      return cls(spec, model)
-    return cls._from_run(path)
+    except (OSError, ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData) as error:
+      raise UserError(f'cannot read the export in {folder} ({type(error).__name__}: {error}); {redo}') from None
+    variables = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    expected = {tuple(map(str, path)): leaf.shape for path, leaf in nnx.to_flat_state(variables)}
+    try:
+      found = {tuple(map(str, path)): np.shape(leaf) for path, leaf in traverse_util.flatten_dict(pure).items()}
+    except AttributeError:  # not a nested dict of arrays
+      found = {}
+    mismatched = sorted(set(expected) ^ set(found)) + sorted(p for p in set(expected) & set(found)
+                                                            if expected[p] != found[p])
+    if mismatched:
+      listing = ', '.join('/'.join(p) + (f' {found[p]} vs {expected[p]}' if p in expected and p in found
+                                                   else '') for p in mismatched[:3])
+      raise UserError(f'{folder}/params.msgpack does not fit the {spec["model"]} with {len(spec["class_names"])} '
+                      f'classes that model.json describes ({len(mismatched)} arrays differ: {listing}); {redo}')
+    nnx.replace_by_pure_dict(variables, pure)
+    nnx.update(model, variables)
+    return cls(spec, model)
 
   @classmethod
   def _from_run(cls, workdir: str) -> 'Predictor':
@@ -131,8 +153,10 @@ def read_json(path: str) -> dict:
 
 
 def _build(spec: dict) -> nnx.Module:
+  """The run's model, computing in the run's dtype, so that eval and predict give the training run's outputs."""
   return create_model(spec['model'], num_classes=len(spec['class_names']), image_shape=tuple(spec['image_shape']),
-                      rngs=nnx.Rngs(0), **spec['model_kwargs'])
+                      rngs=nnx.Rngs(0), dtype=jnp.dtype(spec.get('compute_dtype', 'float32')),
+                      **spec['model_kwargs'])
 
 
 def export_run(workdir: str, out_dir: str | None = None) -> str:

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from kdjax import export
@@ -52,3 +53,37 @@ def test_predict_reads_files_as_training_decoded_them(tmp_path, teacher_workdir)
   np.testing.assert_array_equal(reference[..., 0], gray8)
   np.testing.assert_array_equal(predictor.read_image(str(tmp_path / 'gray16.png')), reference)
   np.testing.assert_array_equal(predictor.read_image(str(tmp_path / 'rgb.png')), reference)
+
+
+def test_predictor_computes_in_the_runs_dtype(teacher_workdir):
+  """A bf16 run is evaluated and predicted in bf16, as its training evaluations were."""
+  import jax.numpy as jnp
+  spec = export.run_spec(teacher_workdir)
+  images = jnp.zeros((2,) + tuple(spec['image_shape']), jnp.float32)
+  for dtype in ('float32', 'bfloat16'):
+    _, features = export._build(dict(spec, compute_dtype=dtype))(images, train=False)
+    assert features[-1].dtype == jnp.dtype(dtype)
+
+
+def _damage(folder, change):
+  if change == 'truncated':
+    with open(os.path.join(folder, 'params.msgpack'), 'r+b') as f:
+      f.truncate(os.path.getsize(f.name) // 2)
+  elif change == 'no_model_json':
+    os.remove(os.path.join(folder, 'model.json'))
+  else:  # model.json of another run: 5 classes over the 10-class parameters
+    spec = json.load(open(os.path.join(folder, 'model.json')))
+    spec['class_names'] = spec['class_names'][:5]
+    json.dump(spec, open(os.path.join(folder, 'model.json'), 'w'))
+
+
+@pytest.mark.parametrize('change, message', [('truncated', 'cannot read the export'),
+                                             ('no_model_json', 'cannot read the export'),
+                                             ('other_classes', r'does not fit the cnn3 with 5 classes.*head')])
+def test_a_damaged_export_is_one_clear_error(tmp_path, teacher_workdir, change, message):
+  from kdjax.errors import UserError
+  out = export.export_run(teacher_workdir, str(tmp_path / 'export'))
+  _damage(out, change)
+  with pytest.raises(UserError, match=message) as error:
+    export.Predictor.load(out)
+  assert '--mode=export' in str(error.value)
