@@ -253,6 +253,18 @@ def test_accepts_numpy_and_drops_batch_counters():
                                 state['layer4.0.downsample.1.running_var'])
 
 
+def test_imported_arrays_do_not_share_memory_with_the_torch_module():
+  """Editing or training the torch module after the import leaves the kdjax model as imported."""
+  net = _torch_net('resnet18')
+  model = from_torch_module('resnet18', net)
+  bias, mean = np.array(model.head.fc.bias.get_value()), np.array(model.stages[0].bn.mean.get_value())
+  with torch.no_grad():
+    net.fc.bias.add_(100.0)
+    net.bn1.running_mean.add_(100.0)
+  np.testing.assert_array_equal(model.head.fc.bias.get_value(), bias)
+  np.testing.assert_array_equal(model.stages[0].bn.mean.get_value(), mean)
+
+
 def test_wrong_class_count_names_both_shapes_and_the_fix():
   net = _torch_net('resnet18')
   with pytest.raises(UserError, match=r'fc\.weight is \(10, 512\) .* needs \(5, 512\).*num_classes=10'):

@@ -176,8 +176,9 @@ def _to_numpy(value: Any) -> np.ndarray:
     value = value.detach().cpu()
     if value.is_floating_point():
       value = value.float()  # numpy has no bfloat16; the kdjax parameters are float32 anyway
-    return value.numpy()
-  return np.asarray(value)
+    value = value.numpy()
+  # A copy, not a view: the kdjax arrays built from it must not change when the torch module trains or is edited.
+  return np.array(value, copy=True)
 
 
 def _strip_prefixes(key: str) -> str:
