@@ -8,3 +8,7 @@ must say what is wrong *and* how to fix it.
 
 class UserError(Exception):
   """An error caused by user input; its message names the fix."""
+
+
+class NonFiniteError(UserError):
+  """A run stopped at a NaN/Inf loss or gradient (config nonfinite='stop'): the config's recipe diverges."""

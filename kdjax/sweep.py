@@ -2,7 +2,8 @@
 
 Each (cell, seed) is an ordinary single run in `WORKDIR/<cell>/seed_<s>`; a run whose `summary.json` already
 exists for the same config is not run again, and an unfinished one resumes from its checkpoint, so a killed sweep
-picks up where it stopped.
+picks up where it stopped. A run that diverges (a NaN loss, config nonfinite='stop') is a result of its cell, not
+the sweep's end: the cell is reported as diverged, is never the best one, and the sweep goes on.
 """
 import ast
 import itertools
@@ -13,7 +14,7 @@ from absl import logging
 
 from kdjax import config as config_lib
 from kdjax import report
-from kdjax.errors import UserError
+from kdjax.errors import NonFiniteError, UserError
 
 
 def parse_grid(spec: str, cfg) -> list[tuple[str, list]]:
@@ -79,7 +80,7 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
     cells.append(dict(cell=cell_name(assignment), assignment=assignment,
                       runs=_run_cell(cfg, workdir, assignment, cfg.repeats.seeds, run_one)))
   extra = [s for s in cfg.sweep.best_cell_seeds if s not in cfg.repeats.seeds]
-  if extra:
+  if extra and best_cell_index(cells) is not None:
     winner = cells[best_cell_index(cells)]
     logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
     winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
@@ -106,15 +107,25 @@ def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]
   for seed in seeds:
     child = cell_config(cfg, assignment, seed)
     child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
-    summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
+    try:
+      summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
+    except NonFiniteError as error:
+      logging.warning('sweep: %s diverged: %s', child_dir, error)
+      summaries.append(dict(workdir=child_dir, diverged=str(error), eval_top1=None, best_eval_top1=None))
   return summaries
 
 
-def best_cell_index(cells: list[dict]) -> int:
+def best_cell_index(cells: list[dict]) -> int | None:
   """The cell with the highest mean best eval top-1 over its grid runs (the first one on a tie): the choice made
-  on the grid's seeds, which confirmation runs then test rather than change."""
-  means = [report.mean_std([r['best_eval_top1'] for r in cell['runs']])[0] for cell in cells]
-  return max(range(len(cells)), key=lambda i: means[i])
+  on the grid's seeds, which confirmation runs then test rather than change. Cells with a diverged run are out;
+  None when every cell has one."""
+  means = {i: report.mean_std([r['best_eval_top1'] for r in cell['runs']])[0] for i, cell in enumerate(cells)
+           if not _diverged(cell['runs'])}
+  return max(means, key=means.get) if means else None
+
+
+def _diverged(runs: list[dict]) -> int:
+  return sum('diverged' in r for r in runs)
 
 
 def finished_summary(child, child_dir):
@@ -133,21 +144,24 @@ def finished_summary(child, child_dir):
 
 
 def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
-  rows = []
-  for cell in cells:
+  rows, lines = [], ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
+  winner = best_cell_index(cells)
+  for i, cell in enumerate(cells):
     runs = cell['runs'] + cell.get('confirmation', [])  # a row pools every seed the cell ran on
-    best = report.mean_std([r['best_eval_top1'] for r in runs])
-    last = report.mean_std([r['eval_top1'] for r in runs])
-    rows.append(dict(cell=cell['cell'], seeds=len(runs), best_mean=best[0], best_std=best[1],
+    diverged = _diverged(runs)
+    # A cell with a diverged seed has no mean: averaging its other seeds would hide the recipe's instability.
+    best = (None, None) if diverged else report.mean_std([r['best_eval_top1'] for r in runs])
+    last = (None, None) if diverged else report.mean_std([r['eval_top1'] for r in runs])
+    rows.append(dict(cell=cell['cell'], seeds=len(runs), diverged=diverged, best_mean=best[0], best_std=best[1],
                      last_mean=last[0], last_std=last[1],
                      **{axis_labels(cell['assignment'])[k]: v for k, v in cell['assignment'].items()}))
-  winner = best_cell_index(cells)
-  lines = ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
-  for i, row in enumerate(rows):
     mark = ' **(best)**' if i == winner else ''
-    lines.append(f'| {row["cell"]}{mark} | {row["seeds"]} | {report.pct(row["best_mean"])} ± '
-                 f'{report.pct(row["best_std"])} | {report.pct(row["last_mean"])} ± {report.pct(row["last_std"])} |')
-  results = dict(cells=rows, best_cell=rows[winner]['cell'],
+    if diverged:
+      lines.append(f'| {cell["cell"]} | {len(runs)} | diverged ({diverged} of {len(runs)} seeds) | — |')
+    else:
+      lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | {report.pct(best[0])} ± {report.pct(best[1])} | '
+                   f'{report.pct(last[0])} ± {report.pct(last[1])} |')
+  results = dict(cells=rows, best_cell=None if winner is None else rows[winner]['cell'],
                  runs={c['cell']: c['runs'] + c.get('confirmation', []) for c in cells})
   confirmed = next((c for c in cells if c.get('confirmation')), None)
   if confirmed:
@@ -161,4 +175,6 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
   markdown = '\n'.join(lines) + '\n'
   report.save_results(workdir, markdown, results, csv_rows=rows)
   print(markdown, flush=True)
+  if winner is None:
+    return dict(cells=len(rows), best_cell=None, best_mean=None)
   return dict(cells=len(rows), best_cell=rows[winner]['cell'], best_mean=rows[winner]['best_mean'])

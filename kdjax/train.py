@@ -30,17 +30,13 @@ from kdjax import teacher_cache
 from kdjax import teachers
 from kdjax import writers
 from kdjax.data import augment
-from kdjax.errors import UserError
+from kdjax.errors import NonFiniteError, UserError
 from kdjax.models import create_model
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Keys that may change between invocations on one workdir without making it a different experiment.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval_batch_size',
                      'data.cache_dir', 'data.data_dir', 'nonfinite', 'teacher.cache', 'target_top1')
-
-
-class NonFiniteError(UserError):
-  pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from kdjax import export
 from kdjax import run_data
 from kdjax import train
 from kdjax.data import load_split
-from kdjax.errors import UserError
+from kdjax.errors import NonFiniteError, UserError
 from tests.tiny_configs import tiny
 from tests.test_train import final_variables
 
@@ -29,7 +29,7 @@ def _diverging_config(nonfinite):
 
 def test_nonfinite_loss_stops_with_step_terms_and_kept_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.NonFiniteError) as info:
+  with pytest.raises(NonFiniteError) as info:
     train.train_and_evaluate(_diverging_config('stop'), workdir)
   message = str(info.value)
   assert 'non-finite loss or gradient at step' in message

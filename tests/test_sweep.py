@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kdjax import report
+from kdjax.errors import NonFiniteError
 from tests.conftest import ROOT, TINY
 
 
@@ -142,6 +143,8 @@ class FakeRuns:
   def __call__(self, child, child_dir):
     self.calls.append((child_dir, child.seed))
     best = self.score(child.phases.train.losses.kd.alpha, child.seed)
+    if best is None:  # this run diverges, as train_and_evaluate does at a NaN loss
+      raise NonFiniteError(f'non-finite loss at step 3 ({child_dir})')
     summary = dict(best_eval_top1=best, eval_top1=best - child.seed / 200)
     os.makedirs(child_dir, exist_ok=True)
     with open(os.path.join(child_dir, 'config.json'), 'w') as f:
@@ -199,6 +202,26 @@ def test_the_best_cell_is_the_grid_choice_even_when_its_confirmation_disappoints
   assert pooled['alpha=0.7'] == pytest.approx(0.3) and pooled['alpha=0.7'] < pooled['alpha=0.5']  # (.7+.1+.1)/3
   assert results['best_cell'] == 'alpha=0.7' and results['confirmation']['best_mean'] == pytest.approx(0.1)
   assert len(results['runs']['alpha=0.7']) == 3
+
+
+def test_a_diverging_cell_is_reported_and_the_sweep_goes_on(tmp_path):
+  """alpha=0.7 diverges on seed 1: the other cells and seeds still run, its row says so and has no mean, and the
+  best cell is chosen among the cells that did not diverge (it would have won: 0.7 > 0.5)."""
+  from kdjax import sweep
+  runs = FakeRuns(score=lambda alpha, seed: None if (alpha, seed) == (0.7, 1) else alpha + seed / 100)
+  sweep.run_sweep(_grid_config((0, 1)), str(tmp_path), runs)
+  assert len(runs.calls) == 6
+  results = json.load(open(tmp_path / 'results.json'))
+  rows = {r['cell']: r for r in results['cells']}
+  assert rows['alpha=0.7']['diverged'] == 1 and rows['alpha=0.7']['best_mean'] is None
+  assert rows['alpha=0.5']['diverged'] == 0 and rows['alpha=0.5']['best_mean'] == pytest.approx(0.505)
+  assert results['best_cell'] == 'alpha=0.5'
+  assert '| alpha=0.7 | 2 | diverged (1 of 2 seeds) | — |' in open(tmp_path / 'results.md').read()
+  assert [r['diverged'] for r in csv.DictReader(open(tmp_path / 'results.csv'))] == ['0', '1', '0']
+
+  everything = FakeRuns(score=lambda alpha, seed: None)
+  assert sweep.run_sweep(_grid_config((0,), (1,)), str(tmp_path / 'all'), everything)['best_cell'] is None
+  assert len(everything.calls) == 3  # no winner, so no confirmation runs
 
 
 def test_axes_with_the_same_last_name_keep_apart_in_cell_names_and_csv_columns(tmp_path):
