@@ -13,9 +13,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
-                                          'Experiment config file (ml_collections), optionally `file.py:arg`.',
-                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
                                '(default: workdirs/<config name>).')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'match', 'predict', 'export'],
@@ -55,6 +52,21 @@ def _explain_flag_error(argv, error) -> str:
         return str(config_lib.unknown_key_error(match.group(1), base))
       node = node[part]
   return f'{error}'.replace('\n', ' ') + ' (fix the value of that --config flag)'
+
+
+def _define_config_flag():
+  """The --config flag. Its default file is loaded here, at import, and the --config.key=value overrides of the
+  command line are applied to it at once, so a misspelled key in a command without --config fails here, not in
+  `parse_flags`: give it the same one-line message."""
+  try:
+    return config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
+                                           'Experiment config file (ml_collections), optionally `file.py:arg`.',
+                                           lock_config=True)
+  except (AttributeError, KeyError, ValueError, TypeError) as error:
+    _fail(_explain_flag_error(sys.argv, error))
+
+
+_CONFIG = _define_config_flag()
 
 
 def parse_flags(argv):

@@ -6,6 +6,7 @@ of them resumes independently, so re-running a killed suite redoes nothing that 
 import copy
 import os
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -73,4 +74,7 @@ SUITES = {'single': run_single, 'kd_comparison': run_kd_comparison, 'repeats': r
 
 
 def run(cfg, workdir):
+  """Validate the whole config first (the suite's own keys too: its grid, every cell, the seeds), so a bad value
+  stops the command before any run trains, then run the suite."""
+  config_lib.validate(cfg, jax.device_count())
   return SUITES[cfg.suite](cfg, workdir)

@@ -27,6 +27,9 @@ def parse_grid(spec: str, cfg) -> list[tuple[str, list]]:
     key, sep, values = axis.partition('=')
     if not sep or not values:
       raise UserError(f'sweep axis {axis!r} must look like key=value1,value2')
+    if key.strip() == 'seed' or key.strip().split('.')[0] in ('suite', 'repeats', 'sweep'):
+      raise UserError(f'sweep axis {key.strip()!r}: a sweep sets the seeds and the suite itself; give the seeds '
+                      "as --config.repeats.seeds='(0,1,2)' and grid axes over the experiment's own keys")
     node = cfg
     for part in key.strip().split('.'):
       if not hasattr(node, 'keys') or part not in node:

@@ -53,3 +53,27 @@ def test_check_mode_validates_without_training(tmp_path):
   good = run_main('--config', f'{TINY}:kd', '--workdir', str(workdir), '--mode=check',
                   '--config.teacher.workdir=/not/yet/trained', check=True)
   assert '"check": {"workdir": ' in good.stdout and not workdir.exists()
+
+
+def test_a_misspelled_key_without_config_is_one_clear_line(tmp_path):
+  """The default config is loaded, with the command line's overrides, when main.py is imported."""
+  proc = run_main('--config.phases.train.epoch=5', '--workdir', str(tmp_path / 'w'))
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: config key `phases.train.epoch` does not exist (did you mean `phases.train.epochs`?); see '
+      'kdjax/config.py for the schema')
+
+
+@pytest.mark.parametrize('args, expected', [
+    (["--config.sweep.grid=phases.train.losses.kd.alpha=0.1,abc"], 'sweep cell alpha=abc'),
+    (["--config.sweep.grid=phases.train.losses.kd.alpha=0.1,2"], 'sweep cell alpha=2: '),
+    (["--config.sweep.grid=seed=0,1"], "sweep axis 'seed'"),
+    (["--config.suite=repeats", "--config.repeats.seeds=(0,0)"], 'give distinct seeds'),
+])
+def test_a_suite_is_validated_before_its_first_run_trains(tmp_path, args, expected):
+  workdir = tmp_path / 'w'
+  proc = run_main('--config', f'{TINY}:kd', '--workdir', str(workdir), '--config.teacher.workdir=/t',
+                  '--config.suite=sweep', '--config.repeats.seeds=(0,)', *args)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert expected in proc.stderr.strip().splitlines()[-1]
+  assert not workdir.exists()  # nothing ran
