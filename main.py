@@ -121,18 +121,38 @@ def _check(cfg, workdir):
               dataset=cfg.data.dataset)
 
 
-def _eval_split(cfg):
+def _run_data(cfg, workdir):
+  """The data keys of the run in `workdir` as it recorded them, with those this command line sets on top: a run
+  is evaluated on its own dataset whatever --config the command names (or omits)."""
+  from kdjax import export
+  recorded = export.read_json(os.path.join(workdir, 'config.json')).get('data', {})
+  given = {m.group(1) for arg in sys.argv[1:] if (m := re.match(r'--config\.data\.([^=.]+)=', arg))}
+  data = cfg.data.to_dict()
+  data.update({key: value for key, value in recorded.items() if key in data and key not in given})
+  return data
+
+
+def _eval_split(cfg, workdir, spec):
+  """The run's eval split (see `_run_data`); a split of other classes or channels than the run's is refused."""
   from kdjax.data import load_split
-  return load_split(os.path.expanduser(cfg.data.dataset), cfg.data.eval_split,
-                    image_size=cfg.data.image_size or None, cache_dir=cfg.data.cache_dir or None,
-                    data_dir=cfg.data.data_dir or None, on_corrupt=cfg.data.on_corrupt)
+  from kdjax.errors import UserError
+  data = _run_data(cfg, workdir)
+  split = load_split(os.path.expanduser(data['dataset']), data['eval_split'], image_size=data['image_size'] or None,
+                     cache_dir=data['cache_dir'] or None, data_dir=data['data_dir'] or None,
+                     on_corrupt=data['on_corrupt'])
+  if list(split.class_names) != list(spec['class_names']) or split.images.shape[-1] != spec['image_shape'][-1]:
+    raise UserError(f'{data["dataset"]} ({len(split.class_names)} classes, {split.images.shape[-1]} channel(s)) is '
+                    f'not the data the run in {workdir} learnt ({len(spec["class_names"])} classes, '
+                    f'{spec["image_shape"][-1]} channel(s)); pass --config.data.dataset=<its dataset>')
+  return data['eval_split'], split
 
 
 def _eval(cfg, workdir):
   from kdjax import export
-  split = _eval_split(cfg)
-  result = export.evaluate_split(export.Predictor.load(workdir), split.images, split.labels)
-  return dict(workdir=workdir, split=cfg.data.eval_split, **result)
+  predictor = export.Predictor.load(workdir)
+  split_name, split = _eval_split(cfg, workdir, predictor.spec)
+  result = export.evaluate_split(predictor, split.images, split.labels)
+  return dict(workdir=workdir, split=split_name, **result)
 
 
 def _match(cfg, workdir, batch_size=500):
@@ -149,10 +169,10 @@ def _match(cfg, workdir, batch_size=500):
   teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),
                                      image_shape=tuple(spec['image_shape']), dtype=jnp.float32,
                                      mean=spec['mean'], std=spec['std'])
-  split = _eval_split(cfg)
+  split_name, split = _eval_split(cfg, workdir, spec)
   batches = ((student.normalize(jnp.asarray(split.images[i:i + batch_size])), split.labels[i:i + batch_size])
              for i in range(0, len(split.labels), batch_size))
-  return dict(workdir=workdir, teacher=cfg.teacher.workdir, split=cfg.data.eval_split,
+  return dict(workdir=workdir, teacher=cfg.teacher.workdir, split=split_name,
               **feature_match.compare(student.model, teacher, batches))
 
 

@@ -87,3 +87,30 @@ def test_a_damaged_export_is_one_clear_error(tmp_path, teacher_workdir, change, 
   with pytest.raises(UserError, match=message) as error:
     export.Predictor.load(out)
   assert '--mode=export' in str(error.value)
+
+
+def test_eval_reads_the_runs_own_data_and_refuses_other_classes(tmp_path, teacher_workdir):
+  """--mode=eval uses the data the run recorded, whatever config the command names, with the command line's own
+  data keys on top; data of other classes is one clear error."""
+  import shutil
+  run = tmp_path / 'run'
+  shutil.copytree(teacher_workdir, run)
+  record = json.load(open(run / 'config.json'))
+  record['data']['eval_split'] = 'test[:25%]'  # as if the run had been trained with this eval split
+  json.dump(record, open(run / 'config.json', 'w'))
+  quarter = len(load_split('digits', 'test[:25%]').labels)
+  proc = run_main('--workdir', str(run), '--mode=eval', check=True)  # no --config: the default's eval_split is test
+  result = json.loads(proc.stdout.strip().splitlines()[-1])['eval']
+  assert result['split'] == 'test[:25%]' and result['examples'] == quarter
+  proc = run_main('--workdir', str(run), '--mode=eval', '--config.data.eval_split=test[:50%]', check=True)
+  assert json.loads(proc.stdout.strip().splitlines()[-1])['eval']['split'] == 'test[:50%]'
+
+  other = tmp_path / 'other'
+  for split in ('train', 'test'):
+    for name in ('a', 'b', 'c'):
+      (other / split / name).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / split / name / '0.png')
+  proc = run_main('--workdir', str(run), '--mode=eval', f'--config.data.dataset={other}',
+                  f'--config.data.cache_dir={tmp_path / "cache"}')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert 'is not the data the run in' in proc.stderr.strip().splitlines()[-1]
