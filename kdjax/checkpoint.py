@@ -149,8 +149,16 @@ def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', ro
     raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
     return _fill(variables, saved, f'{directory}/{step}', keep_fresh, role)
-  raise UserError(f'no checkpoint in {workdir}; train the {role} run first (e.g. python main.py --config '
-                  f'configs/cifar10_teacher.py --workdir {workdir}) or fix {role}.workdir')
+  raise UserError(f'no checkpoint in {workdir}; ' + _NO_CHECKPOINT_FIX[role].format(workdir=workdir))
+
+
+# What to do about a workdir without a checkpoint, by what it was read as (`role`).
+_NO_CHECKPOINT_FIX = {
+    'teacher': 'train the teacher run first (e.g. python main.py --config configs/cifar10_teacher.py --workdir '
+               '{workdir}) or fix teacher.workdir',
+    'init': 'train that run first or fix init.workdir',
+    'run': 'train it first (the same command without --mode) or pass the --workdir of a trained run',
+}
 
 
 def _fill(variables, saved: dict[str, np.ndarray], where: str, keep_fresh: str, role: str):

@@ -71,7 +71,7 @@ class Predictor:
     spec = run_spec(workdir)
     model = _build(spec)
     graphdef, variables = nnx.split(model)
-    variables = checkpoint.restore_model_variables(workdir, variables)
+    variables = checkpoint.restore_model_variables(workdir, variables, role='run')
     return cls(spec, nnx.merge(graphdef, variables))
 
   def __post_init__(self):

@@ -62,19 +62,33 @@ class PhasePlan:
 
 
 def _check_workdir(cfg, workdir: str) -> None:
-  """Refuse a workdir that holds a different experiment's checkpoints; record this config otherwise."""
+  """Refuse a workdir that holds a different experiment's checkpoints; record this config otherwise.
+
+  A config recorded by a start that failed before its first checkpoint (a missing dataset, a wrong teacher) is
+  replaced: the corrected command is the same experiment, not a different one."""
   path = os.path.join(workdir, 'config.json')
   current = json.loads(cfg.to_json_best_effort())
   previous = export.read_json(path)
-  if previous:
+  if previous and _holds_training(workdir):
     differing = [key for key in config_lib.differing_keys(current, previous)
                  if not any(key == c or key.startswith(c + '.') for c in RESUMABLE_CHANGES)]
     if differing:
       raise UserError(f'workdir {workdir} holds a different experiment (config differs in: '
                       f'{", ".join(sorted(differing)[:5])}); use another --workdir or delete that one')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+      raise UserError(f'cannot create workdir {workdir} ({error.strerror}); pass another --workdir') from None
     report.write_json(path, current, indent=2, sort_keys=True)  # atomic: another process may read it right now
+
+
+def _holds_training(workdir: str) -> bool:
+  """Whether a run in `workdir` got as far as a checkpoint or a summary."""
+  if os.path.exists(os.path.join(workdir, 'summary.json')):
+    return True
+  return any(name.isdigit() for sub in ('checkpoints', 'best') if os.path.isdir(os.path.join(workdir, sub))
+             for name in os.listdir(os.path.join(workdir, sub)))
 
 
 def load_teacher(cfg, data: run_data.RunData, dtype, mesh):

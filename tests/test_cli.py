@@ -77,3 +77,30 @@ def test_a_suite_is_validated_before_its_first_run_trains(tmp_path, args, expect
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert expected in proc.stderr.strip().splitlines()[-1]
   assert not workdir.exists()  # nothing ran
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):
+  workdir = str(tmp_path / 'w')
+  failed = run_main('--config', f'{TINY}:ce', '--workdir', workdir, '--config.data.dataset=/nonexistent/cifar')
+  assert failed.returncode == 2 and 'not found' in failed.stderr.strip().splitlines()[-1]
+  # The corrected command is the same experiment; the tiny run trains in seconds.
+  run_main('--config', f'{TINY}:ce', '--workdir', workdir, '--config.phases.train.epochs=0.5', check=True)
+  refused = run_main('--config', f'{TINY}:ce', '--workdir', workdir, '--config.data.dataset=/nonexistent/cifar')
+  assert 'holds a different experiment' in refused.stderr.strip().splitlines()[-1]  # now it has checkpoints
+
+
+@pytest.mark.parametrize('mode, expected', [
+    ('train', 'cannot create workdir'),
+    ('eval', 'train it first (the same command without --mode) or pass the --workdir of a trained run'),
+])
+def test_unusable_workdirs_are_one_clear_line(tmp_path, mode, expected):
+  workdir = tmp_path / 'w'
+  if mode == 'train':
+    workdir.write_text('a file, not a folder')
+  else:  # a workdir with a recorded config but no checkpoint
+    workdir.mkdir()
+    run_main('--config', f'{TINY}:ce', '--workdir', str(workdir), '--config.data.dataset=/nonexistent/cifar')
+    (workdir / 'data.json').write_text('{"class_names": ["0"], "image_shape": [8, 8, 1], "mean": [0], "std": [1]}')
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(workdir), f'--mode={mode}')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert expected in proc.stderr.strip().splitlines()[-1]
