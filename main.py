@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
-                               '(default: workdirs/<config name>).')
+                               '(default: workdirs/<config name>, workdirs/<config name>_<arg> for file.py:arg).')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'match', 'predict', 'export'],
                           'train (or resume) the config; check: validate it and exit (no data read, nothing '
                           'trained); eval: accuracy of the run\'s best checkpoint on data.eval_split; match: how '
@@ -95,9 +95,8 @@ def main(argv):
   except Exception as error:  # the config file is missing or raised while loading
     _fail(_explain_flag_error(sys.argv, error))
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
-  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
-  workdir = _WORKDIR.value or os.path.join('workdirs', name)
-  logging.info('config %s -> workdir %s', name, workdir)
+  workdir = _WORKDIR.value or default_workdir(config_path)
+  logging.info('config %s -> workdir %s', config_path, workdir)
   from kdjax import compile_cache
   compile_cache.enable(cfg.data.cache_dir or None)
   try:
@@ -105,6 +104,16 @@ def main(argv):
   except UserError as error:
     _fail(str(error))
   print(json.dumps({_MODE.value: result}, default=str), flush=True)
+
+
+def default_workdir(config_path: str) -> str:
+  """workdirs/<config name>, then `_<arg>` for `file.py:arg` (`cifar10_teacher.py:smoke` ->
+  workdirs/cifar10_teacher_smoke): each variant of a config is its own experiment, so a smoke run never lands
+  where a full run, or a student looking for its teacher, expects the real one."""
+  file, _, arg = config_path.partition(':')
+  name = os.path.splitext(os.path.basename(file))[0]
+  suffix = re.sub(r'[^A-Za-z0-9.]+', '_', arg).strip('_')
+  return os.path.join('workdirs', f'{name}_{suffix}' if suffix else name)
 
 
 def _train(cfg, workdir):

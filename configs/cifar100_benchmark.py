@@ -35,7 +35,8 @@ def get_config(arg='kd'):
   cfg.compute_dtype = 'bfloat16'
   cfg.student.name = 'resnet32x4' if 'teacher' in args else 'resnet8x4'
   cfg.teacher.name = 'resnet32x4'
-  cfg.teacher.workdir = 'workdirs/cifar10_resnet32x4' if 'cifar10' in args else 'workdirs/cifar100_resnet32x4'
+  # The default workdirs of `:teacher` and `:teacher,cifar10`.
+  cfg.teacher.workdir = 'workdirs/cifar100_benchmark_teacher' + ('_cifar10' if 'cifar10' in args else '')
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=(150, 180, 210), decay_factor=0.1)
   method = next((a for a in args if a in METHOD_LOSSES), 'ce')

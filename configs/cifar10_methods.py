@@ -29,7 +29,7 @@ def get_config(arg='kd'):
   cfg.batch_size = BATCH
   cfg.student.name = 'resnet8'
   cfg.teacher.name = 'resnet20'
-  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20' if method != 'ce' else ''
+  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20_cpu' if method != 'ce' else ''
   scale = EPOCHS / RECIPE_EPOCHS
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=tuple(b * scale for b in RECIPE_BOUNDARIES), decay_factor=0.1)

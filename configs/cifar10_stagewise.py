@@ -6,9 +6,9 @@ the backbone frozen) on real data in minutes per run on a CPU. ResNet-8 has ResN
 then three stages at 32/16/8 px with 16/32/64 channels) and a third of its depth per stage, so no adapter is needed.
 
 Commands (teacher first):
-  python main.py --config configs/cifar10_teacher.py:resnet20_cpu --workdir workdirs/cifar10_teacher_resnet20
-  python main.py --config configs/cifar10_stagewise.py:repeats --workdir workdirs/cifar10_stagewise
-  python main.py --config configs/cifar10_stagewise.py:ce,repeats --workdir workdirs/cifar10_resnet8_ce
+  python main.py --config configs/cifar10_teacher.py:resnet20_cpu --workdir workdirs/cifar10_teacher_resnet20_cpu
+  python main.py --config configs/cifar10_stagewise.py:repeats --workdir workdirs/cifar10_stagewise_repeats
+  python main.py --config configs/cifar10_stagewise.py:ce,repeats --workdir workdirs/cifar10_stagewise_ce_repeats
 Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of classifier), flips, float32, batch
 128, every phase Adam 1e-2 with its own cosine decay. Why 1e-2: at this budget every phase is limited by how far Adam
 can move the weights (about lr per step). Measured on seed 0 (README, "Measured so far"): Adam 1e-3 constant left
@@ -38,7 +38,7 @@ def get_config(arg=''):
   cfg.batch_size = 128
   cfg.student.name = 'resnet8'
   cfg.teacher.name = 'resnet20'
-  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20'
+  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20_cpu'  # the default workdir of that teacher command
   adam = optimizer('adam', learning_rate=1e-2, schedule='cosine')
   scale = 1.0
   if 'subset' in args:

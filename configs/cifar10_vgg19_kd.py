@@ -1,9 +1,9 @@
 """CIFAR-10: VGG-19-BN teacher -> 2-layer CNN student with KD at T=5 or T=20 (top-1 and top-5 reported).
 
 Commands:
-  `python main.py --config configs/cifar10_vgg19_kd.py:teacher --workdir workdirs/cifar10_vgg19`
-  `python main.py --config configs/cifar10_vgg19_kd.py:5 --workdir workdirs/cifar10_vgg19_kd_t5`
-  `python main.py --config configs/cifar10_vgg19_kd.py:20 --workdir workdirs/cifar10_vgg19_kd_t20`
+  `python main.py --config configs/cifar10_vgg19_kd.py:teacher --workdir workdirs/cifar10_vgg19_kd_teacher`
+  `python main.py --config configs/cifar10_vgg19_kd.py:5 --workdir workdirs/cifar10_vgg19_kd_5`
+  `python main.py --config configs/cifar10_vgg19_kd.py:20 --workdir workdirs/cifar10_vgg19_kd_20`
 Not yet run on a GPU.
 """
 from kdjax.config import loss_term, optimizer, phase
@@ -18,6 +18,6 @@ def get_config(arg='5'):
     return cfg
   cfg = cifar10_student.get_config()
   cfg.teacher.name = 'vgg19_bn'
-  cfg.teacher.workdir = 'workdirs/cifar10_vgg19'
+  cfg.teacher.workdir = 'workdirs/cifar10_vgg19_kd_teacher'  # the default workdir of `:teacher`
   cfg.phases.train.losses = {'kd': loss_term('hinton_kd', alpha=0.9, temperature=float(arg))}
   return cfg

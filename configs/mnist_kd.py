@@ -2,8 +2,8 @@
 
 Data: `../shared/data/mnist-png.tar.gz` (real MNIST as PNG folders, 60,000/10,000) or `--config.data.dataset=mnist`
 (tfds). Commands (arg = `teacher_<vgg16|resnet164>` or `<mlp|cnn3|ensemble>_from_<vgg16|resnet164>`):
-  `python main.py --config configs/mnist_kd.py:teacher_vgg16 --workdir workdirs/mnist_vgg16`
-  `python main.py --config configs/mnist_kd.py:mlp_from_vgg16 --workdir workdirs/mnist_mlp_kd`
+  `python main.py --config configs/mnist_kd.py:teacher_vgg16 --workdir workdirs/mnist_kd_teacher_vgg16`
+  `python main.py --config configs/mnist_kd.py:mlp_from_vgg16 --workdir workdirs/mnist_kd_mlp_from_vgg16`
 MNIST is resized to 32 px (VGG's five pooling stages need it). Not yet run on a GPU.
 """
 from kdjax.config import base_config, loss_term, optimizer, phase
@@ -28,7 +28,7 @@ def get_config(arg='teacher_vgg16'):
   student, _, teacher = arg.partition('_from_')
   cfg.student = STUDENTS[student]
   cfg.teacher.name = TEACHERS[teacher]
-  cfg.teacher.workdir = f'workdirs/mnist_{teacher}'
+  cfg.teacher.workdir = f'workdirs/mnist_kd_teacher_{teacher}'  # the default workdir of `:teacher_<name>`
   cfg.phases.train = phase(10, {'kd': loss_term('hinton_kd', alpha=0.7, temperature=4.0)},
                            optimizer('adam', learning_rate=1e-3, schedule='cosine'))
   return cfg

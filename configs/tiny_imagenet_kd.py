@@ -8,8 +8,8 @@ read as is (`kdjax/data/tiny_imagenet.py`): train/<wnid>/images/ (100,000 images
 by val/val_annotations.txt (10,000) for evaluation.
 Commands (the teacher first; the student reads it from `teacher.workdir`), each with
 `--config.data.dataset=/path/tiny-imagenet-200` unless the data is at the default path:
-  `python main.py --config configs/tiny_imagenet_kd.py:teacher --workdir workdirs/tiny_imagenet_resnet34`
-  `python main.py --config configs/tiny_imagenet_kd.py:kd --workdir workdirs/tiny_imagenet_kd`
+  `python main.py --config configs/tiny_imagenet_kd.py:teacher --workdir workdirs/tiny_imagenet_kd_teacher`
+  `python main.py --config configs/tiny_imagenet_kd.py:kd --workdir workdirs/tiny_imagenet_kd_kd`
 `:ce` trains the student on labels only (the baseline KD should beat); `,smoke` (e.g. `:kd,smoke`) runs a few steps
 on 1% of the data at 32 px on a CPU. Models: the CIFAR-stem ResNets (3x3/1 stem conv, no max-pool), as usual at 64 px,
 where ImageNet's 7x7/2 stem and max-pool would leave 2x2 maps before the pool. Recipe: SGD + Nesterov, lr 0.1 for
@@ -35,7 +35,7 @@ def get_config(arg='kd'):
   cfg.eval_every_epochs = 5.0
   cfg.student.name = TEACHER if 'teacher' in args else STUDENT
   cfg.teacher.name = TEACHER
-  cfg.teacher.workdir = 'workdirs/tiny_imagenet_resnet34'
+  cfg.teacher.workdir = 'workdirs/tiny_imagenet_kd_teacher'  # the default workdir of `:teacher`
   epochs = 100
   if 'smoke' in args:
     cfg.data.train_split, cfg.data.eval_split = 'train[:1%]', 'val[:2%]'

@@ -13,6 +13,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from kdjax import checkpoint as ckpt_lib
@@ -68,6 +69,10 @@ def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, 
   model = create_model(name, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0), dtype=dtype,
                        **kwargs)
   graphdef, variables = nnx.split(model)
+  if not (os.path.exists(os.path.join(workdir, 'summary.json'))
+          or 'imported_from' in export.read_json(os.path.join(workdir, 'config.json'))):
+    logging.warning('teacher run %s has not finished (no summary.json): distilling from its best checkpoint so far; '
+                    're-run its command to finish it first', workdir)
   return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
 
 

@@ -1,7 +1,9 @@
 """`python main.py` user errors: one line on stderr, exit status 2, no traceback."""
+import os
+
 import pytest
 
-from tests.conftest import TINY, run_main
+from tests.conftest import ROOT, TINY, run_main
 
 
 @pytest.mark.parametrize('variant, args, expected', [
@@ -104,3 +106,27 @@ def test_unusable_workdirs_are_one_clear_line(tmp_path, mode, expected):
   proc = run_main('--config', f'{TINY}:ce', '--workdir', str(workdir), f'--mode={mode}')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert expected in proc.stderr.strip().splitlines()[-1]
+
+
+def test_each_config_variant_gets_its_own_default_workdir():
+  """`:smoke` must not land in the full run's workdir, where students look for their teacher; and each config's
+  default teacher.workdir is the default workdir of its teacher command."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('kdjax_main', os.path.join(ROOT, 'main.py'))
+  main = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(main)
+  assert main.default_workdir('configs/cifar10_teacher.py') == 'workdirs/cifar10_teacher'
+  assert main.default_workdir('configs/cifar10_teacher.py:smoke') == 'workdirs/cifar10_teacher_smoke'
+  assert main.default_workdir('configs/cifar10_stagewise.py:ce,repeats') == 'workdirs/cifar10_stagewise_ce_repeats'
+  from configs import cifar10_kd, cifar10_methods, cifar10_stagewise, cifar10_vgg19_kd, cifar100_benchmark, mnist_kd
+  from configs import tiny_imagenet_kd
+  for student, teacher_command in [
+      (cifar10_kd.get_config(), 'configs/cifar10_teacher.py'),
+      (cifar10_vgg19_kd.get_config('5'), 'configs/cifar10_vgg19_kd.py:teacher'),
+      (mnist_kd.get_config('mlp_from_resnet164'), 'configs/mnist_kd.py:teacher_resnet164'),
+      (cifar100_benchmark.get_config('kd'), 'configs/cifar100_benchmark.py:teacher'),
+      (cifar100_benchmark.get_config('dkd,cifar10'), 'configs/cifar100_benchmark.py:teacher,cifar10'),
+      (tiny_imagenet_kd.get_config('kd'), 'configs/tiny_imagenet_kd.py:teacher'),
+      (cifar10_methods.get_config('crd'), 'configs/cifar10_teacher.py:resnet20_cpu'),
+      (cifar10_stagewise.get_config('repeats'), 'configs/cifar10_teacher.py:resnet20_cpu')]:
+    assert student.teacher.workdir == main.default_workdir(teacher_command), teacher_command
