@@ -75,22 +75,26 @@ class Predictor:
     return cls(spec, nnx.merge(graphdef, variables))
 
   def __post_init__(self):
-    self._forward = jax.jit(self._probabilities)
+    self._forward = jax.jit(self._logits)
 
   def normalize(self, images):
     """uint8 images -> the model's input, as in training (the run's channel mean and std)."""
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(self.spec['mean'])) / jnp.asarray(self.spec['std'])
 
-  def _probabilities(self, images):
+  def _logits(self, images):
     size = self.spec['image_shape'][0]
     if images.shape[1:3] != (size, size):
       images = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, images.shape[3]),
                                 'bilinear')
     logits, _ = self.model(self.normalize(images), train=False)
-    return jax.nn.softmax(logits)
+    return logits.astype(jnp.float32)
+
+  def predict_logits(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(self._forward(jnp.asarray(images)))
 
   def predict_arrays(self, images: np.ndarray) -> np.ndarray:
-    return np.asarray(self._forward(jnp.asarray(images)))
+    """Class probabilities."""
+    return np.asarray(jax.nn.softmax(self._forward(jnp.asarray(images))))
 
   def read_image(self, path: str) -> np.ndarray:
     """One file as the model's (H, W, C) uint8 input, decoded as the training data was (`kdjax.data.images`)."""
@@ -173,12 +177,13 @@ def export_run(workdir: str, out_dir: str | None = None) -> str:
 
 
 def evaluate_split(predictor: Predictor, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> dict:
-  """Top-1 / top-5 accuracy of a predictor on uint8 images."""
-  top1 = top5 = 0
+  """Top-1 / top-5 accuracy of a predictor on uint8 images, ranked as training's evaluations rank them: on the
+  logits (saturated float32 probabilities tie where the logits do not), ties broken as `argmax` does."""
+  from kdjax.metrics import top_k_correct  # the training metric itself, so both report the same figure
+  top1 = top5 = 0.0
   for start in range(0, len(labels), batch_size):
-    probabilities = predictor.predict_arrays(images[start:start + batch_size])
-    batch_labels = labels[start:start + batch_size]
-    ranked = np.argsort(-probabilities, axis=-1)
-    top1 += int((ranked[:, 0] == batch_labels).sum())
-    top5 += int((ranked[:, :5] == batch_labels[:, None]).any(axis=-1).sum())
+    logits = jnp.asarray(predictor.predict_logits(images[start:start + batch_size]))
+    batch_labels = jnp.asarray(labels[start:start + batch_size], jnp.int32)
+    top1 += float(jnp.sum(top_k_correct(logits, batch_labels, 1)))
+    top5 += float(jnp.sum(top_k_correct(logits, batch_labels, 5)))
   return dict(top1=top1 / len(labels), top5=top5 / len(labels), examples=int(len(labels)))

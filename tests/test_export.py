@@ -22,6 +22,10 @@ def test_export_eval_predict_round_trip(tmp_path, teacher_workdir):
   accuracy = export.evaluate_split(exported, digits.images, digits.labels)
   summary = json.load(open(os.path.join(teacher_workdir, 'summary.json')))
   assert abs(accuracy['top1'] - summary['best_eval_top1']) < 1e-6  # the best checkpoint, evaluated again
+  # Its top-5 too, as training ranked it (on the logits; a saturated softmax ties where the logits do not).
+  evals = [row for row in json.load(open(os.path.join(teacher_workdir, 'history.json'))) if 'eval/top5' in row]
+  best_row = next(row for row in evals if row['eval/top1'] == max(r['eval/top1'] for r in evals))
+  assert abs(accuracy['top5'] - best_row['eval/top5']) < 1e-6
 
   proc = run_main('--config', f'{TINY}:teacher', '--workdir', teacher_workdir, '--mode=eval', check=True)
   result = json.loads(proc.stdout.strip().splitlines()[-1])['eval']
