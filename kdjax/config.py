@@ -205,11 +205,7 @@ def _check_phases(cfg):
     if not isinstance(ph, ml_collections.ConfigDict):
       raise UserError(f'config `phases.{name}` is {ph!r}, not a phase; build it with kdjax.config.phase(...)')
     _check_known_keys({k: v for k, v in ph.items() if k != 'losses'}, template, f'phases.{name}.')
-    try:
-      re.compile(ph.trainable)
-    except re.error as error:
-      raise UserError(f'config `phases.{name}.trainable` {ph.trainable!r} is not a regular expression ({error}); '
-                      "write one over parameter paths, e.g. '^stages/(0|1)/' or '^head/'") from None
+    _check_regex(f'phases.{name}.trainable', ph.trainable)
     if not ph.losses:
       raise UserError(f'phase `{name}` has no losses; add one, e.g. `losses={{"ce": loss_term("ce")}}`')
     for term_name, term in ph.losses.items():
@@ -334,9 +330,18 @@ def _check_sweep_cells(cfg, num_devices: int) -> None:
       raise UserError(f'sweep cell {sweep.cell_name(assignment)}: {error}') from None
 
 
+def _check_regex(key: str, pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as error:
+    raise UserError(f'config `{key}` {pattern!r} is not a regular expression ({error}); write one over parameter '
+                    "paths, e.g. '^stages/(0|1)/' or '^head/'") from None
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raise a UserError naming the fix for the first problem in `cfg`."""
   _check_known_keys(cfg, base_config())
+  _check_regex('init.keep_fresh', cfg.init.keep_fresh)
   _check_no_shared_nodes(cfg)
   for key, choices_fn in _CHOICES.items():
     value = cfg

@@ -59,7 +59,14 @@ def create_model(
   image_shape = tuple(image_shape)
   if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
     raise UserError(f'image_shape must be (height, width, channels) of positive integers, got {image_shape!r}')
-  return MODELS[name](num_classes=num_classes, image_shape=image_shape, rngs=rngs, dtype=dtype, **kwargs)
+  try:
+    return MODELS[name](num_classes=num_classes, image_shape=image_shape, rngs=rngs, dtype=dtype, **kwargs)
+  except (ValueError, TypeError, ZeroDivisionError) as error:  # an argument value the architecture cannot build
+    if not kwargs:
+      raise
+    settings = ', '.join(f'{key}={value!r}' for key, value in kwargs.items())
+    raise UserError(f'model {name} cannot be built with {settings} ({type(error).__name__}: {error}); fix those '
+                    'values (the config\'s `student.*` or `teacher.*` keys)') from None
 
 
 def check_model(name: str, kwargs: dict[str, Any]) -> None:
