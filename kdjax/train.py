@@ -422,5 +422,6 @@ def _check_finite(cfg, state, term_names, checkpoints) -> None:
   kept = f'the last good checkpoint (step {last}) is kept' if last is not None else 'no checkpoint was saved yet'
   raise NonFiniteError(
       f'non-finite loss or gradient at step {bad_step} (terms: {", ".join(bad_terms) or "gradients only"}); '
-      f'{kept}; lower the learning rate, add '
-      f'--config.phases.<phase>.optimizer.grad_clip_norm=1.0, or set --config.nonfinite=skip to skip such updates')
+      f'{kept}; re-run in a new --workdir with a lower learning rate or '
+      f'--config.phases.<phase>.optimizer.grad_clip_norm=1.0 (this workdir resumes only its own recipe), or resume '
+      f'this one with --config.nonfinite=skip to skip such updates')

@@ -38,6 +38,12 @@ def test_nonfinite_loss_stops_with_step_terms_and_kept_checkpoint(tmp_path):
   assert bad_step >= 22  # phase 'good' has 22 steps and stays finite
   kept = final_variables(workdir)
   assert f'checkpoint (step {int(kept["step"])}) is kept' in message
+  # The fixes it names: a new recipe in a new workdir (this one refuses it), or skipping here.
+  assert 'new --workdir' in message and '--config.nonfinite=skip' in message
+  changed = _diverging_config('stop')
+  changed.phases.bad.optimizer.grad_clip_norm = 1.0
+  with pytest.raises(UserError, match='holds a different experiment'):
+    train.train_and_evaluate(changed, workdir)
   assert all(np.isfinite(v).all() for v in kept.values())
 
 
