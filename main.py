@@ -88,7 +88,10 @@ def main(argv):
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from kdjax import mesh
   from kdjax.errors import UserError
-  mesh.maybe_initialize_distributed()
+  try:
+    mesh.maybe_initialize_distributed()
+  except UserError as error:
+    _fail(str(error))
   try:
     cfg = _CONFIG.value
     cfg.keys()  # the config loads lazily: make a missing or broken file fail here
@@ -103,6 +106,10 @@ def main(argv):
     result = MODES[_MODE.value](cfg, workdir)
   except UserError as error:
     _fail(str(error))
+  except KeyboardInterrupt:
+    print(f'interrupted; the same command resumes from the latest checkpoint in {workdir}', file=sys.stderr,
+          flush=True)
+    sys.exit(130)
   print(json.dumps({_MODE.value: result}, default=str), flush=True)
 
 

@@ -6,6 +6,7 @@
 directly (its best checkpoint), which is what `--mode=eval` and `--mode=predict` use.
 """
 import dataclasses
+import glob
 import json
 import os
 
@@ -125,7 +126,10 @@ def run_spec(workdir: str) -> dict:
     with open(os.path.join(workdir, DATA_FILE)) as f:
       data = json.load(f)
   except FileNotFoundError as error:
-    raise UserError(f'{workdir} is not a finished kdjax run or export ({error.filename} is missing); '
+    runs = sorted(os.path.relpath(os.path.dirname(path), workdir)
+                  for path in glob.glob(os.path.join(workdir, '**', DATA_FILE), recursive=True))
+    within = f'; it holds the runs {", ".join(runs[:8])}{" ..." if len(runs) > 8 else ""}: pass one' if runs else ''
+    raise UserError(f'{workdir} is not a finished kdjax run or export ({error.filename} is missing){within}; '
                     'pass the --workdir of a training run') from None
   student = config['student']
   return dict(model=student['name'], model_kwargs={k: v for k, v in student.items() if k != 'name'},

@@ -9,6 +9,8 @@ import os
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kdjax.errors import UserError
+
 DATA_AXIS = 'data'
 
 
@@ -20,8 +22,8 @@ def maybe_initialize_distributed() -> None:
   reads itself. Must run before anything touches a JAX backend: the CPU client is built with the cross-process
   collectives chosen here, and without them a CPU run of several processes cannot all-reduce its gradients.
   """
-  explicit = bool(os.environ.get('JAX_COORDINATOR_ADDRESS')) and int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1
-  launched = any(int(os.environ.get(var, '1')) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  explicit = bool(os.environ.get('JAX_COORDINATOR_ADDRESS')) and _env_int('JAX_NUM_PROCESSES', 1) > 1
+  launched = any(_env_int(var, 1) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
   if not (explicit or launched):
     return
   if jax.config.jax_cpu_collectives_implementation is None:
@@ -31,10 +33,22 @@ def maybe_initialize_distributed() -> None:
   if explicit:
     jax.distributed.initialize(
         coordinator_address=os.environ['JAX_COORDINATOR_ADDRESS'],
-        num_processes=int(os.environ['JAX_NUM_PROCESSES']),
-        process_id=int(os.environ['JAX_PROCESS_ID']))
+        num_processes=_env_int('JAX_NUM_PROCESSES'),
+        process_id=_env_int('JAX_PROCESS_ID'))
   else:
     jax.distributed.initialize()
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+  """An integer environment variable of a multi-process launch; a missing or malformed one is a UserError."""
+  text = os.environ.get(name, '')
+  if not text and default is not None:
+    return default
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f'{name}={text!r}: a multi-process run needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and '
+                    'JAX_PROCESS_ID (an integer from 0) set on every process') from None
 
 
 def make_data_mesh() -> jax.sharding.Mesh:

@@ -132,3 +132,38 @@ def test_each_config_variant_gets_its_own_default_workdir():
       (cifar10_methods.get_config('crd'), 'configs/cifar10_teacher.py:resnet20_cpu'),
       (cifar10_stagewise.get_config('repeats'), 'configs/cifar10_teacher.py:resnet20_cpu')]:
     assert student.teacher.workdir == main.default_workdir(teacher_command), teacher_command
+
+
+def test_an_incomplete_multi_process_environment_is_one_clear_line(tmp_path):
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'),
+                  env={'JAX_COORDINATOR_ADDRESS': 'localhost:1234', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': None})
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert "JAX_PROCESS_ID='': a multi-process run needs" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_eval_of_a_suite_workdir_names_its_runs(tmp_path):
+  """A repeats or sweep workdir holds runs, not a model: the error lists them."""
+  for run in ('seed_0', 'seed_1'):
+    (tmp_path / 'suite' / run).mkdir(parents=True)
+    (tmp_path / 'suite' / run / 'data.json').write_text('{}')
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'suite'), '--mode=eval')
+  assert proc.returncode == 2 and 'it holds the runs seed_0, seed_1: pass one' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:ce', '--workdir',
+                           str(workdir), '--config.phases.train.epochs=200'], cwd=ROOT, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True)
+  deadline = time.time() + 120
+  while not (workdir / 'checkpoints').exists() and time.time() < deadline:
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1] == (
+      f'interrupted; the same command resumes from the latest checkpoint in {workdir}')
