@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kdjax.errors import UserError
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
                                '(default: workdirs/<config name>, workdirs/<config name>_<arg> for file.py:arg).')
@@ -40,6 +42,8 @@ def _explain_flag_error(argv, error) -> str:
     return f'config file {file} not found; pass --config configs/<name>.py (see the configs/ folder)'
   try:
     base = runpy.run_path(file)['get_config'](*([arg] if arg else []))
+  except UserError as config_error:  # an argument the config file does not take
+    return str(config_error)
   except Exception as config_error:  # the config file itself is broken
     return f'config file {path} failed to load: {config_error!r}'
   for arg_text in argv[1:]:
@@ -62,7 +66,7 @@ def _define_config_flag():
     return config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
                                            'Experiment config file (ml_collections), optionally `file.py:arg`.',
                                            lock_config=True)
-  except (AttributeError, KeyError, ValueError, TypeError) as error:
+  except (AttributeError, KeyError, ValueError, TypeError, UserError) as error:
     _fail(_explain_flag_error(sys.argv, error))
 
 
@@ -74,7 +78,7 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as error:
     _fail(_explain_flag_error(argv, error))
-  except (AttributeError, KeyError, ValueError, TypeError) as error:
+  except (AttributeError, KeyError, ValueError, TypeError, UserError) as error:
     _fail(_explain_flag_error(argv, error))
 
 
@@ -87,7 +91,6 @@ def main(argv):
   del argv
   logging.get_absl_logger().addFilter(_quiet_orbax)
   from kdjax import mesh
-  from kdjax.errors import UserError
   try:
     mesh.maybe_initialize_distributed()
   except UserError as error:
@@ -151,7 +154,6 @@ def _run_data(cfg, workdir):
 def _eval_split(cfg, workdir, spec):
   """The run's eval split (see `_run_data`); a split of other classes or channels than the run's is refused."""
   from kdjax.data import load_split
-  from kdjax.errors import UserError
   data = _run_data(cfg, workdir)
   split = load_split(os.path.expanduser(data['dataset']), data['eval_split'], image_size=data['image_size'] or None,
                      cache_dir=data['cache_dir'] or None, data_dir=data['data_dir'] or None,
@@ -176,7 +178,6 @@ def _match(cfg, workdir, batch_size=500):
   import jax.numpy as jnp
   from kdjax import config as config_lib
   from kdjax import export, feature_match, teachers
-  from kdjax.errors import UserError
   if not config_lib.teacher_workdirs(cfg):
     raise UserError('--mode=match compares the run with a teacher; set --config.teacher.workdir=DIR of the '
                     'teacher it was distilled from')
@@ -194,7 +195,6 @@ def _match(cfg, workdir, batch_size=500):
 
 def _predict(cfg, workdir):
   from kdjax import export
-  from kdjax.errors import UserError
   if not _IMAGES.value:
     raise UserError('--mode=predict needs --images=a.jpg,b.png')
   return export.Predictor.load(workdir).predict_files(_IMAGES.value)

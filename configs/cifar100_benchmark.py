@@ -10,7 +10,7 @@ folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-
 with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`). Not yet run on a GPU; `cifar10_methods.py` runs the
 same methods at a CPU budget.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 
 # The loss terms of each method of the benchmark recipe, by its published weights, given DKD's linear warm-up in
@@ -27,7 +27,7 @@ METHOD_LOSSES = {
 
 
 def get_config(arg='kd'):
-  args = arg.split(',')
+  args = config_args(arg, 'teacher', 'cifar10', *METHOD_LOSSES)
   cfg = base_config()
   cfg.data.dataset = '../shared/data/cifar10-jpeg.tar.gz' if 'cifar10' in args else 'cifar100'
   cfg.data.augment = 'crop_flip'

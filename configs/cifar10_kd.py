@@ -3,11 +3,12 @@
 Command (after the teacher run): `python main.py --config configs/cifar10_kd.py --workdir workdirs/cifar10_kd`
 (`--config.teacher.workdir=DIR` if the teacher ran elsewhere). Loss: (1-a)*CE + a*T^2*KL with a=0.5, T=4.
 """
-from kdjax.config import loss_term
+from kdjax.config import config_args, loss_term
 from configs import cifar10_student
 
 
 def get_config(arg=None):
+  config_args(arg, 'smoke')
   cfg = cifar10_student.get_config(arg)
   cfg.teacher.name = 'resnet18_cifar'
   cfg.teacher.workdir = 'workdirs/cifar10_teacher'

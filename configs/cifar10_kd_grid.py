@@ -7,6 +7,7 @@ cell rerun on seeds 1 and 2 (`sweep.best_cell_seeds`; their mean alone is report
 `--config.repeats.seeds='(0,1,2)'` runs every cell on three. Writes results.md/json/csv with the best cell marked.
 Killing it and running the same command again skips the finished runs. Not yet run on a GPU.
 """
+from kdjax.config import config_args
 from configs import cifar10_kd
 
 ALPHAS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -14,6 +15,7 @@ TEMPERATURES = (1, 2.5, 5, 7.5, 10, 20, 30, 40, 50)
 
 
 def get_config(arg=None):
+  config_args(arg, 'smoke')
   cfg = cifar10_kd.get_config(arg)
   cfg.suite = 'sweep'
   cfg.repeats.seeds = (0,)

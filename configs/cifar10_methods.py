@@ -12,7 +12,7 @@ Arguments (comma-separated): one of `ce`, `kd`, `dkd`, `crd` (default `kd`); `re
 """
 from configs.cifar100_benchmark import METHOD_LOSSES
 from configs.cifar10_teacher import CIFAR10
-from kdjax.config import base_config, optimizer, phase
+from kdjax.config import base_config, config_args, optimizer, phase
 
 EPOCHS = 6.0
 RECIPE_EPOCHS, RECIPE_BOUNDARIES, RECIPE_WARMUP_EPOCHS = 240, (150, 180, 210), 20
@@ -20,7 +20,7 @@ BATCH = 64
 
 
 def get_config(arg='kd'):
-  args = (arg or 'kd').split(',')
+  args = config_args(arg or 'kd', *METHOD_LOSSES, 'repeats')
   method = next((a for a in args if a in METHOD_LOSSES), 'kd')
   cfg = base_config()
   cfg.data.dataset = CIFAR10

@@ -21,7 +21,7 @@ Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trai
 train[:25%] and report the held-out train[25%:] too, as the published 1/4-data comparison; every phase runs 4x the
 epochs, so both arms take as many steps as on the full split), `repeats` (seeds 0, 1, 2 -> results.md).
 """
-from kdjax.config import base_config, joint, loss_term, optimizer, phase, stagewise
+from kdjax.config import base_config, config_args, joint, loss_term, optimizer, phase, stagewise
 from configs.cifar10_teacher import CIFAR10
 
 NUM_MAPS, STAGE_EPOCHS, CLASSIFIER_EPOCHS = 4, 0.5, 2.0
@@ -30,7 +30,7 @@ SUBSET_PERCENT = 25
 
 
 def get_config(arg=''):
-  args = (arg or '').split(',')
+  args = config_args(arg, 'ce', r'joint\d', 'subset', 'cumulative', 'finetune', 'repeats')
   cfg = base_config()
   cfg.data.dataset = CIFAR10
   cfg.data.augment = 'flip'

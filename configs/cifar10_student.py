@@ -3,11 +3,12 @@
 Command: `python main.py --config configs/cifar10_student.py --workdir workdirs/cifar10_student`
 The CE baseline that `configs/cifar10_kd.py` must beat. `get_config('smoke')` is a tiny CPU budget.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 from configs import cifar10_teacher
 
 
 def get_config(arg=None):
+  config_args(arg, 'smoke')
   cfg = cifar10_teacher.get_config(arg)
   cfg.student.name = 'cnn2'
   cfg.target_top1 = 0.0  # the teacher's 94% target is not the student's

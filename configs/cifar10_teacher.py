@@ -8,12 +8,13 @@ or `--config.data.dataset=cifar10` for the tfds copy. Budget: 30 epochs at batch
 `get_config('resnet20_cpu')` is the CPU-sized teacher of `cifar10_stagewise.py` (ResNet-20, float32, batch 128,
 8 epochs, lr 0.2: 82.6% in 26 min on 2 cores, shared with other work).
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 CIFAR10 = '../shared/data/cifar10-jpeg.tar.gz'
 
 
 def get_config(arg=None):
+  config_args(arg, 'resnet20_cpu', 'smoke')
   cfg = base_config()
   cfg.data.dataset = CIFAR10
   cfg.data.augment = 'crop_flip'

@@ -6,11 +6,12 @@ Commands:
   `python main.py --config configs/cifar10_vgg19_kd.py:20 --workdir workdirs/cifar10_vgg19_kd_20`
 Not yet run on a GPU.
 """
-from kdjax.config import loss_term, optimizer, phase
+from kdjax.config import config_args, loss_term, optimizer, phase
 from configs import cifar10_student, cifar10_teacher
 
 
 def get_config(arg='5'):
+  config_args(arg, 'teacher', r'\d+(\.\d*)?')  # the teacher run, or a student at temperature T
   if arg == 'teacher':
     cfg = cifar10_teacher.get_config()
     cfg.student.name = 'vgg19_bn'

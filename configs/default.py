@@ -5,10 +5,11 @@ scikit-learn (a fixed ~80/20 train/test split, see kdjax/data/digits.py). It tra
 small 2-layer MLP student (32 hidden units) on labels only and with Hinton KD from that teacher, and prints a table
 of the three test accuracies (also in workdirs/default/results.md).
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 
 def get_config(arg=None):
+  config_args(arg)
   cfg = base_config()
   cfg.suite = 'kd_comparison'
   cfg.data.dataset = 'digits'

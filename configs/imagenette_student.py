@@ -6,7 +6,7 @@ Arguments (comma-separated): `small` (resnet34_small), `smallest` (plain34_small
 train[:25%], report the held-out train[25%:] as well), `published` (the published comparison's Adam 1e-4,
 constant), `repeats` (seeds 0,1,2 -> results.md), `smoke`.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 from configs.imagenette_teacher import imagenette_data
 
 STUDENTS = {'medium': 'resnet34_medium', 'small': 'resnet34_small', 'smallest': 'plain34_smallest'}
@@ -43,8 +43,12 @@ def apply_common_args(cfg, args):
   return cfg
 
 
+# The arguments of every Imagenette student config (imagenette_stagewise.py adds its own).
+COMMON_ARGS = ('smoke', 'subset', 'repeats', 'published', *STUDENTS)
+
+
 def get_config(arg=''):
-  args = (arg or '').split(',')
+  args = config_args(arg, *COMMON_ARGS)
   cfg = apply_common_args(imagenette_data(base_config(), arg or ''), args)
   epochs = 0.5 if 'smoke' in args else TOTAL_EPOCHS
   cfg.phases.train = phase(epochs, {'ce': loss_term('ce')}, student_optimizer(args))

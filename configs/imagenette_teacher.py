@@ -8,7 +8,7 @@ Recipe: random-resized crops + flips, label smoothing 0.1, SGD + Nesterov with a
 80 epochs. Target: >= 92% validation top-1 (the issue's bar for a useful from-scratch teacher). Not yet measured:
 this needs a GPU session. `get_config('smoke')` runs a few steps at 64 px on a CPU.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 IMAGENETTE = '../shared/data/imagenette2-224.tar.gz'
 
@@ -35,6 +35,7 @@ def imagenette_data(cfg, arg=''):
 
 
 def get_config(arg=''):
+  config_args(arg, 'smoke')
   cfg = imagenette_data(base_config(), arg or '')
   cfg.student.name = 'resnet34'
   epochs = 0.5 if 'smoke' in (arg or '') else 80

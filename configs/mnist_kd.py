@@ -6,7 +6,7 @@ Data: `../shared/data/mnist-png.tar.gz` (real MNIST as PNG folders, 60,000/10,00
   `python main.py --config configs/mnist_kd.py:mlp_from_vgg16 --workdir workdirs/mnist_kd_mlp_from_vgg16`
 MNIST is resized to 32 px (VGG's five pooling stages need it). Not yet run on a GPU.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 MNIST = '../shared/data/mnist-png.tar.gz'
 TEACHERS = {'vgg16': 'vgg16_bn', 'resnet164': 'resnet164'}
@@ -15,6 +15,7 @@ STUDENTS = {'mlp': dict(name='mlp2', hidden=800), 'cnn3': dict(name='cnn3'),
 
 
 def get_config(arg='teacher_vgg16'):
+  config_args(arg, f'teacher_({"|".join(TEACHERS)})', f'({"|".join(STUDENTS)})_from_({"|".join(TEACHERS)})')
   cfg = base_config()
   cfg.data.dataset = MNIST
   cfg.data.image_size = 32

@@ -16,14 +16,14 @@ where ImageNet's 7x7/2 stem and max-pool would leave 2x2 maps before the pool. R
 batch 128 with 2 warm-up epochs and cosine decay, weight decay 5e-4, pad-4 crops + flips, bf16, 100 epochs each; KD
 is Hinton's (1-a) CE + a T^2 KL with a=0.9, T=4. Not yet run on a GPU, so no accuracy is claimed.
 """
-from kdjax.config import base_config, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 
 TINY_IMAGENET = '../shared/data/tiny-imagenet-200'
 TEACHER, STUDENT = 'resnet34_cifar', 'resnet18_cifar'
 
 
 def get_config(arg='kd'):
-  args = (arg or 'kd').split(',')
+  args = config_args(arg or 'kd', 'teacher', 'kd', 'ce', 'smoke')
   cfg = base_config()
   cfg.data.dataset = TINY_IMAGENET
   cfg.data.train_split = 'train'

@@ -131,6 +131,18 @@ _CHOICES = {
 }
 
 
+def config_args(arg: str | None, *known: str) -> list[str]:
+  """The comma-separated arguments of `--config file.py:arg`, each required to match one of the `known` patterns
+  (regexes, matched whole): a mistyped argument (`:dkdd`) must stop the command, not run the default recipe."""
+  args = [a.strip() for a in (arg or '').split(',') if a.strip()]
+  unknown = [a for a in args if not any(re.fullmatch(pattern, a) for pattern in known)]
+  if unknown:
+    choices = ', '.join(known) if known else 'none: use the file without `:arg`'
+    raise UserError(f'config argument(s) {", ".join(map(repr, unknown))} not understood; this config file takes '
+                    f'{choices} (comma-separated)')
+  return args
+
+
 def single_run(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
   """One run of a suite: a copy with `suite='single'`, the suite-only keys (`repeats`, `sweep`) at their defaults,
   and `overrides` set. Resetting those keys keeps a run's recorded config independent of the suite around it, so

@@ -167,3 +167,11 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
   assert proc.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
   assert stderr.strip().splitlines()[-1] == (
       f'interrupted; the same command resumes from the latest checkpoint in {workdir}')
+
+
+def test_an_argument_the_config_does_not_take_is_one_clear_line(tmp_path):
+  proc = run_main('--config', 'configs/cifar100_benchmark.py:dkdd', '--workdir', str(tmp_path / 'w'))
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "error: config argument(s) 'dkdd' not understood; this config file takes teacher, cifar10, ce, kd, dkd, crd "
+      "(comma-separated)")

@@ -37,3 +37,13 @@ def test_config_validates(name, arg):
     if config_lib.uses_teacher(cfg) and cfg.suite != 'kd_comparison':
       cfg.teacher.workdir = cfg.teacher.workdir or '/teacher'
   config_lib.validate(cfg, 8)
+
+
+@pytest.mark.parametrize('name', sorted(ARGS))
+def test_config_refuses_an_argument_it_does_not_take(name):
+  """A mistyped argument (`:dkdd`, `:smokee`) stops the command instead of running the default recipe."""
+  from kdjax.errors import UserError
+  get_config = runpy.run_path(os.path.join(ROOT, 'configs', name))['get_config']
+  known = next((arg for arg in ARGS[name] if arg), None)
+  with pytest.raises(UserError, match=r"config argument\(s\) 'bogus' not understood; this config file takes"):
+    get_config(f'{known},bogus' if known else 'bogus')
