@@ -105,13 +105,23 @@ def renormalized(model: nnx.Module, recorded, mean, std) -> nnx.Module:
     return model
   teacher_mean, teacher_std = map(np.asarray, recorded)
   mean, std = np.asarray(mean), np.asarray(std)
-  if teacher_mean.shape != mean.shape:
-    raise UserError(f'the teacher was trained on {teacher_mean.size}-channel images, the data has {mean.size} '
-                    'channels; distil on data of the kind the teacher saw')
   scale, shift = std / teacher_std, (mean - teacher_mean) / teacher_std
   if np.allclose(scale, 1.0, rtol=0, atol=1e-6) and np.allclose(shift, 0.0, rtol=0, atol=1e-6):
     return model
   return InputRenormalized(model, tuple(map(float, scale)), tuple(map(float, shift)))
+
+
+def _check_learnt_data(workdir: str, num_classes: int, channels: int) -> None:
+  """The teacher run learnt this data's number of classes and channels: checked from what it recorded before its
+  checkpoint is read, whose shapes would only say that it holds another model."""
+  learnt = _recorded_classes(workdir)
+  if learnt is not None and learnt != num_classes:
+    raise UserError(f'teacher run {workdir} learnt {learnt} classes, the data has {num_classes}; distil on the '
+                    'dataset the teacher learnt (data.dataset), or train a teacher on this one')
+  recorded = export.recorded_normalization(workdir)
+  if recorded is not None and len(recorded[0]) != channels:
+    raise UserError(f'the teacher was trained on {len(recorded[0])}-channel images, the data has {channels} '
+                    'channels; distil on data of the kind the teacher saw')
 
 
 def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int], dtype, mean, std) -> nnx.Module:
@@ -120,6 +130,8 @@ def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int],
   workdirs = config_lib.teacher_workdirs(cfg)
   architectures = [teacher_architecture(cfg, workdir) for workdir in workdirs]
   _check_members(cfg, workdirs, [name for name, _ in architectures])
+  for workdir in workdirs:
+    _check_learnt_data(workdir, num_classes, len(mean))
   # Each member fed as in its own training: members trained on other slices, or an import, may differ.
   members = [renormalized(_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape,
                                           dtype=dtype), export.recorded_normalization(workdir), mean, std)

@@ -151,3 +151,15 @@ def test_a_teacher_of_another_channel_count_is_refused(tmp_path, teacher_workdir
     json.dump(info, f)
   with pytest.raises(UserError, match='trained on 3-channel images, the data has 1'):
     _restore([rgb], (0.0,), (1.0,), name='cnn2')
+
+
+def test_a_teacher_of_another_dataset_is_refused_before_its_checkpoint_is_read(tmp_path, teacher_workdir):
+  """A 10-class digits teacher for 5-class data: the message says so, rather than that the checkpoint's shapes
+  do not fit (which would send the user to the model settings)."""
+  cfg = tiny.get_config('kd')
+  cfg.teacher.workdir = teacher_workdir
+  with pytest.raises(UserError, match=f'teacher run {teacher_workdir} learnt 10 classes, the data has 5'):
+    teachers.restore_teacher(cfg, num_classes=5, image_shape=(8, 8, 1), dtype=jnp.float32, mean=(0.0,), std=(1.0,))
+  with pytest.raises(UserError, match='trained on 1-channel images, the data has 3'):
+    teachers.restore_teacher(cfg, num_classes=10, image_shape=(8, 8, 3), dtype=jnp.float32, mean=(0.0,) * 3,
+                             std=(1.0,) * 3)
