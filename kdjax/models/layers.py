@@ -52,7 +52,9 @@ def conv(
 
 
 def batch_norm(num_features: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """BatchNorm matching PyTorch's defaults (its momentum 0.1 is Flax's 0.9), so converted statistics behave alike."""
+  """BatchNorm matching PyTorch's defaults (its momentum 0.1 is Flax's 0.9, eps 1e-5), so converted statistics behave
+  alike. One difference stays: the running variance is updated with the batch's biased variance, PyTorch's with the
+  unbiased one, a factor n/(n-1) for n = batch x height x width values per channel (0.9995 at batch 64 on 4x4 maps)."""
   return nnx.BatchNorm(
     num_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=PARAM_DTYPE, rngs=rngs
   )
