@@ -290,6 +290,15 @@ def test_wrong_architecture_lists_keys():
     convert_state_dict('resnet18', deep)
   with pytest.raises(UserError, match='choose one of'):
     convert_state_dict('cnn2', state)
+  # A ResNet state_dict named as a VGG has no VGG classifier either: the names are the problem, not a class count.
+  with pytest.raises(UserError, match=r'parameter names of a torchvision/timm vgg16_bn \(missing features\.'):
+    convert_state_dict('vgg16_bn', state, fresh_head=True)
+  # A classifier of another width (another architecture's features) is not a class-count problem.
+  narrow = {**state, 'fc.weight': state['fc.weight'][:, :256]}
+  with pytest.raises(UserError, match=r"fc\.weight is \(10, 256\).*needs \(10, 512\).*pass the model it was "
+                                      r"trained as") as error:
+    convert_state_dict('resnet18', narrow)
+  assert 'num_classes=' not in str(error.value).split(';')[-1]
 
 
 def test_load_torch_checkpoint_unwraps_and_strips_prefixes(tmp_path):

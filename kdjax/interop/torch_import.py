@@ -201,12 +201,24 @@ def _source_shape(kdjax_shape: tuple[int, ...], axes: tuple[int, ...] | None) ->
   return tuple(kdjax_shape) if axes is None else tuple(kdjax_shape[i] for i in np.argsort(axes))
 
 
-def _default_num_classes(model_name: str, family: Family, state_dict: Mapping[str, Any]) -> int:
-  for key in family.classes_keys:
-    if key in state_dict:
-      return int(tuple(state_dict[key].shape)[0])
-  raise UserError(f'the state_dict has no classifier ({" or ".join(family.classes_keys)}) to take the class count '
-                  f'from; pass num_classes (CLI --num-classes) for {model_name}')
+def _default_num_classes(family: Family, state_dict: Mapping[str, Any]) -> int | None:
+  """The source classifier's row count, None when the state_dict has no classifier."""
+  return next((int(tuple(state_dict[key].shape)[0]) for key in family.classes_keys if key in state_dict), None)
+
+
+def _check_names(model_name: str, model: nnx.Module, family: Family, state_dict: Mapping[str, Any],
+                 import_head: bool) -> dict:
+  """The model's {PyTorch name: (variable, axes)}, once the state_dict has exactly those names (else UserError)."""
+  expected = _expected_keys(model, family.backbone + (family.head if import_head else ()))
+  dropped = () if import_head else family.classifier
+  missing = [key for key in expected if key not in state_dict]
+  unexpected = [key for key in state_dict if key not in expected and not _ignored(key, dropped)]
+  if missing or unexpected:
+    found = '; '.join(f'{what} {_listing(keys)}' for what, keys in (('missing', missing), ('unexpected', unexpected))
+                      if keys)
+    raise UserError(f'the state_dict does not have the parameter names of a torchvision/timm {model_name} ({found}); '
+                    f"pass the model it was trained as (one of: {', '.join(FAMILIES)})")
+  return expected
 
 
 def convert_state_dict(
@@ -232,35 +244,34 @@ def convert_state_dict(
                     f"kdjax's {model_name} head (global-avg-pool + Linear(512, classes)); pass fresh_head=True "
                     '(CLI --fresh-head) to import the conv/BN features and train a new head')
   state_dict = {_strip_prefixes(key): value for key, value in state_dict.items()}
-  if num_classes is None:
-    num_classes = _default_num_classes(model_name, family, state_dict)
-  model = create_model(model_name, num_classes=num_classes, image_shape=tuple(image_shape), rngs=nnx.Rngs(0))
   import_head = bool(family.head) and not fresh_head
-  expected = _expected_keys(model, family.backbone + (family.head if import_head else ()))
+  source_classes = _default_num_classes(family, state_dict)
+  if num_classes is None and source_classes is None:
+    # Another architecture's state_dict has no such classifier either: say that, not that a class count is missing.
+    _check_names(model_name, create_model(model_name, num_classes=1, image_shape=tuple(image_shape),
+                                          rngs=nnx.Rngs(0)), family, state_dict, import_head)
+    raise UserError(f'the state_dict has no classifier ({" or ".join(family.classes_keys)}) to take the class '
+                    f'count from; pass num_classes (CLI --num-classes) for {model_name}')
+  num_classes = source_classes if num_classes is None else num_classes
+  model = create_model(model_name, num_classes=num_classes, image_shape=tuple(image_shape), rngs=nnx.Rngs(0))
+  expected = _check_names(model_name, model, family, state_dict, import_head)
 
-  dropped = () if import_head else family.classifier
-  missing = [key for key in expected if key not in state_dict]
-  unexpected = [key for key in state_dict if key not in expected and not _ignored(key, dropped)]
-  if missing or unexpected:
-    found = '; '.join(f'{what} {_listing(keys)}' for what, keys in (('missing', missing), ('unexpected', unexpected))
-                      if keys)
-    raise UserError(f'the state_dict does not have the parameter names of a torchvision/timm {model_name} ({found}); '
-                    f"pass the model it was trained as (one of: {', '.join(FAMILIES)})")
-
-  arrays, mismatches = {}, {}
+  arrays, mismatches, class_rows_only = {}, {}, True
   for key, (variable, axes) in expected.items():
     array = _to_numpy(state_dict[key])
     wanted = _source_shape(variable.shape, axes)
     if array.shape != wanted:
       mismatches[key] = f'{key} is {array.shape} in the state_dict but {model_name} needs {wanted}'
+      class_rows_only &= key.startswith(family.classifier) and array.shape[1:] == wanted[1:]
     else:
       arrays[key] = array if axes is None else np.transpose(array, axes)
   if mismatches:
-    if import_head and all(key.startswith(family.classifier) for key in mismatches):
-      fix = (f'pass num_classes={_default_num_classes(model_name, family, state_dict)} (the checkpoint\'s class '
-             'count), or fresh_head=True (CLI --fresh-head) to import the backbone under a new head')
+    if import_head and class_rows_only:  # the classifier differs in its class count alone
+      fix = (f'pass num_classes={source_classes} (the checkpoint\'s class count), or fresh_head=True (CLI '
+             '--fresh-head) to import the backbone under a new head')
     else:
-      fix = f"pass the model it was trained as (one of: {', '.join(FAMILIES)}) and its image channels"
+      fix = (f"pass the model it was trained as (one of: {', '.join(FAMILIES)}); convert_state_dict's image_shape "
+             'gives the input channels')
     raise UserError(f'the state_dict does not fit {model_name} with num_classes={num_classes}: '
                     f'{"; ".join(list(mismatches.values())[:3])}{" ..." if len(mismatches) > 3 else ""} '
                     f'({len(mismatches)} mismatches); {fix}')
