@@ -110,8 +110,8 @@ def main(argv):
   except UserError as error:
     _fail(str(error))
   except KeyboardInterrupt:
-    print(f'interrupted; the same command resumes from the latest checkpoint in {workdir}', file=sys.stderr,
-          flush=True)
+    resume = f'; the same command resumes from the latest checkpoint in {workdir}' if _MODE.value == 'train' else ''
+    print(f'interrupted{resume}', file=sys.stderr, flush=True)
     sys.exit(130)
   print(json.dumps({_MODE.value: result}, default=str), flush=True)
 
@@ -140,24 +140,32 @@ def _check(cfg, workdir):
               dataset=cfg.data.dataset)
 
 
+# Where this machine keeps data and caches: never taken from a run's record, which may come from another machine.
+_MACHINE_DATA_KEYS = ('cache_dir', 'data_dir')
+
+
 def _run_data(cfg, workdir):
   """The data keys of the run in `workdir` as it recorded them, with those this command line sets on top: a run
   is evaluated on its own dataset whatever --config the command names (or omits)."""
   from kdjax import export
   recorded = export.read_json(os.path.join(workdir, 'config.json')).get('data', {})
-  given = {m.group(1) for arg in sys.argv[1:] if (m := re.match(r'--config\.data\.([^=.]+)=', arg))}
+  given = {key.split('.', 1)[1] for key in config_flags.get_override_values(flags.FLAGS['config'])
+           if key.startswith('data.')}
   data = cfg.data.to_dict()
-  data.update({key: value for key, value in recorded.items() if key in data and key not in given})
+  data.update({key: value for key, value in recorded.items()
+               if key in data and key not in given and key not in _MACHINE_DATA_KEYS})
   return data
 
 
 def _eval_split(cfg, workdir, spec):
   """The run's eval split (see `_run_data`); a split of other classes or channels than the run's is refused."""
+  from kdjax import run_data
   from kdjax.data import load_split
   data = _run_data(cfg, workdir)
   split = load_split(os.path.expanduser(data['dataset']), data['eval_split'], image_size=data['image_size'] or None,
                      cache_dir=data['cache_dir'] or None, data_dir=data['data_dir'] or None,
                      on_corrupt=data['on_corrupt'])
+  split = run_data.with_channels(split, spec['image_shape'][-1])  # a gray split of an RGB run, as in training
   if list(split.class_names) != list(spec['class_names']) or split.images.shape[-1] != spec['image_shape'][-1]:
     raise UserError(f'{data["dataset"]} ({len(split.class_names)} classes, {split.images.shape[-1]} channel(s)) is '
                     f'not the data the run in {workdir} learnt ({len(spec["class_names"])} classes, '

@@ -39,8 +39,14 @@ def same_channels(*splits):
   `convert('RGB')` does, so one model input shape fits every split.
   """
   channels = max(s.images.shape[-1] for s in splits if s is not None)
-  return tuple(s if s is None or s.images.shape[-1] == channels else
-               dataclasses.replace(s, images=np.repeat(s.images, channels, axis=-1)) for s in splits)
+  return tuple(with_channels(s, channels) for s in splits)
+
+
+def with_channels(split, channels: int):
+  """`split` with `channels` channels where it has one (its channel repeated); any other split as it is."""
+  if split is None or split.images.shape[-1] != 1 or channels == 1:
+    return split
+  return dataclasses.replace(split, images=np.repeat(split.images, channels, axis=-1))
 
 
 def load(data_cfg, mesh) -> RunData:

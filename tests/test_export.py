@@ -101,13 +101,15 @@ def test_eval_reads_the_runs_own_data_and_refuses_other_classes(tmp_path, teache
   shutil.copytree(teacher_workdir, run)
   record = json.load(open(run / 'config.json'))
   record['data']['eval_split'] = 'test[:25%]'  # as if the run had been trained with this eval split
+  record['data']['cache_dir'] = '/proc/another_machines_cache'  # machine-local: never taken from the record
   json.dump(record, open(run / 'config.json', 'w'))
   quarter = len(load_split('digits', 'test[:25%]').labels)
   proc = run_main('--workdir', str(run), '--mode=eval', check=True)  # no --config: the default's eval_split is test
   result = json.loads(proc.stdout.strip().splitlines()[-1])['eval']
   assert result['split'] == 'test[:25%]' and result['examples'] == quarter
-  proc = run_main('--workdir', str(run), '--mode=eval', '--config.data.eval_split=test[:50%]', check=True)
-  assert json.loads(proc.stdout.strip().splitlines()[-1])['eval']['split'] == 'test[:50%]'
+  for override in (['--config.data.eval_split=test[:50%]'], ['--config.data.eval_split', 'test[:50%]']):
+    proc = run_main('--workdir', str(run), '--mode=eval', *override, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])['eval']['split'] == 'test[:50%]'
 
   other = tmp_path / 'other'
   for split in ('train', 'test'):
@@ -118,3 +120,12 @@ def test_eval_reads_the_runs_own_data_and_refuses_other_classes(tmp_path, teache
                   f'--config.data.cache_dir={tmp_path / "cache"}')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert 'is not the data the run in' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_gray_split_is_evaluated_by_an_rgb_run_as_training_fed_it():
+  from kdjax import run_data
+  gray = load_split('digits', 'test[:4]')
+  rgb = run_data.with_channels(gray, 3)
+  assert rgb.images.shape[-1] == 3 and all((rgb.images[..., c] == gray.images[..., 0]).all() for c in range(3))
+  assert run_data.with_channels(rgb, 1) is rgb and run_data.with_channels(gray, 1) is gray
+  assert run_data.same_channels(gray, rgb, None)[0].images.shape[-1] == 3
