@@ -159,8 +159,8 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
                      last_mean=last[0], last_std=last[1],
                      **{axis_labels(cell['assignment'])[k]: v for k, v in cell['assignment'].items()}))
     mark = ' **(best)**' if i == winner else ''
-    if diverged:
-      lines.append(f'| {cell["cell"]} | {len(runs)} | diverged ({diverged} of {len(runs)} seeds) | — |')
+    if diverged:  # the winner too, when one of its confirmation seeds diverged
+      lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | diverged ({diverged} of {len(runs)} seeds) | — |')
     else:
       lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | {report.pct(best[0])} ± {report.pct(best[1])} | '
                    f'{report.pct(last[0])} ± {report.pct(last[1])} |')
@@ -168,13 +168,18 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
                  runs={c['cell']: c['runs'] + c.get('confirmation', []) for c in cells})
   confirmed = next((c for c in cells if c.get('confirmation')), None)
   if confirmed:
-    best = report.mean_std([r['best_eval_top1'] for r in confirmed['confirmation']])
-    last = report.mean_std([r['eval_top1'] for r in confirmed['confirmation']])
-    results['confirmation'] = dict(cell=confirmed['cell'], seeds=len(confirmed['confirmation']), best_mean=best[0],
-                                   best_std=best[1], last_mean=last[0], last_std=last[1])
-    lines += ['', f'{confirmed["cell"]} won on the grid\'s seeds; on {len(confirmed["confirmation"])} further '
-              f'seed(s) alone it reached best {report.pct(best[0])} ± {report.pct(best[1])} %, last '
-              f'{report.pct(last[0])} ± {report.pct(last[1])} % (free of the selection among cells).']
+    extra, diverged = confirmed['confirmation'], _diverged(confirmed['confirmation'])
+    results['confirmation'] = dict(cell=confirmed['cell'], seeds=len(extra), diverged=diverged, best_mean=None,
+                                   best_std=None, last_mean=None, last_std=None)
+    intro = f'{confirmed["cell"]} won on the grid\'s seeds; on {len(extra)} further seed(s) alone it'
+    if diverged:
+      lines += ['', f'{intro} diverged on {diverged} of them.']
+    else:
+      best = report.mean_std([r['best_eval_top1'] for r in extra])
+      last = report.mean_std([r['eval_top1'] for r in extra])
+      results['confirmation'].update(best_mean=best[0], best_std=best[1], last_mean=last[0], last_std=last[1])
+      lines += ['', f'{intro} reached best {report.pct(best[0])} ± {report.pct(best[1])} %, last '
+                f'{report.pct(last[0])} ± {report.pct(last[1])} % (free of the selection among cells).']
   markdown = '\n'.join(lines) + '\n'
   report.save_results(workdir, markdown, results, csv_rows=rows)
   print(markdown, flush=True)

@@ -219,6 +219,16 @@ def test_a_diverging_cell_is_reported_and_the_sweep_goes_on(tmp_path):
   assert '| alpha=0.7 | 2 | diverged (1 of 2 seeds) | — |' in open(tmp_path / 'results.md').read()
   assert [r['diverged'] for r in csv.DictReader(open(tmp_path / 'results.csv'))] == ['0', '1', '0']
 
+  # The winner diverging on a confirmation seed: still the grid's choice, its row and the note say it diverged.
+  unstable = FakeRuns(score=lambda alpha, seed: None if (alpha, seed) == (0.7, 2) else alpha + seed / 100)
+  sweep.run_sweep(_grid_config((0,), (1, 2)), str(tmp_path / 'unstable'), unstable)
+  results = json.load(open(tmp_path / 'unstable' / 'results.json'))
+  assert results['best_cell'] == 'alpha=0.7' and results['confirmation']['diverged'] == 1
+  assert results['confirmation']['best_mean'] is None
+  markdown = open(tmp_path / 'unstable' / 'results.md').read()
+  assert '| alpha=0.7 **(best)** | 3 | diverged (1 of 3 seeds) | — |' in markdown
+  assert 'on 2 further seed(s) alone it diverged on 1 of them.' in markdown
+
   everything = FakeRuns(score=lambda alpha, seed: None)
   assert sweep.run_sweep(_grid_config((0,), (1,)), str(tmp_path / 'all'), everything)['best_cell'] is None
   assert len(everything.calls) == 3  # no winner, so no confirmation runs
