@@ -24,18 +24,22 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> tuple[str, dict
   """`results.md` and `results.json` in workdir: one line per run, then mean ± std; returns both contents.
 
   Columns: best and last eval top-1, and the held-out top-1 (subset mode's accuracy on the rest of the training
-  split) when every run has one.
+  split) when every run has one. A run that diverged (`diverged` in its row) has no figures, and the recipe then
+  has no mean: averaging the other seeds would hide its instability.
   """
   columns = [('best_eval_top1', 'best eval top-1 (%)', 'best_eval_top1'),
              ('eval_top1', 'last eval top-1 (%)', 'last_eval_top1')]  # (summary key, header, results.json key)
   if rows and all('heldout_top1' in r for r in rows):
     columns.append(('heldout_top1', 'held-out top-1 (%)', 'heldout_top1'))
-  stats = {key: mean_std([r[key] for r in rows]) for key, *_ in columns}
+  diverged = sum('diverged' in r for r in rows)
+  stats = {key: (None, None) if diverged else mean_std([r[key] for r in rows]) for key, *_ in columns}
   lines = [f'# {title}', '', '| run | ' + ' | '.join(h for _, h, _ in columns) + ' |',
            '|---' * (len(columns) + 1) + '|']
-  lines += [f'| {r["name"]} | ' + ' | '.join(pct(r[key]) for key, *_ in columns) + ' |' for r in rows]
-  lines += [f'| **mean ± std (n={len(rows)})** | ' +
-            ' | '.join(f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**' for key, *_ in columns) + ' |', '']
+  lines += [f'| {r["name"]} | ' + ' | '.join('diverged' if 'diverged' in r else pct(r[key]) for key, *_ in columns)
+            + ' |' for r in rows]
+  summary = (lambda key: f'**diverged ({diverged} of {len(rows)} seeds)**') if diverged else (
+      lambda key: f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**')
+  lines += [f'| **mean ± std (n={len(rows)})** | ' + ' | '.join(summary(key) for key, *_ in columns) + ' |', '']
   markdown = '\n'.join(lines)
   data = dict(title=title, runs=rows, **{name: dict(mean=stats[key][0], std=stats[key][1])
                                           for key, _, name in columns})

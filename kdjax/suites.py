@@ -58,7 +58,7 @@ def run_repeats(cfg, workdir):
   for seed in cfg.repeats.seeds:
     child = config_lib.single_run(cfg, seed=int(seed))
     child_dir = os.path.join(workdir, f'seed_{seed}')
-    summary = sweep.finished_summary(child, child_dir) or train.train_and_evaluate(child, child_dir)
+    summary = sweep.run_or_reuse(child, child_dir, train.train_and_evaluate)
     rows.append(dict(name=f'seed_{seed}', **summary))
   markdown, results = report.write_results(workdir, f'{cfg.student.name} on {cfg.data.dataset}', rows)
   print(markdown, flush=True)

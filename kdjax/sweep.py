@@ -109,13 +109,18 @@ def _run_cell(cfg, workdir: str, assignment: dict, seeds, run_one) -> list[dict]
   summaries = []
   for seed in seeds:
     child = cell_config(cfg, assignment, seed)
-    child_dir = os.path.join(workdir, cell_name(assignment), f'seed_{seed}')
-    try:
-      summaries.append(finished_summary(child, child_dir) or run_one(child, child_dir))
-    except NonFiniteError as error:
-      logging.warning('sweep: %s diverged: %s', child_dir, error)
-      summaries.append(dict(workdir=child_dir, diverged=str(error), eval_top1=None, best_eval_top1=None))
+    summaries.append(run_or_reuse(child, os.path.join(workdir, cell_name(assignment), f'seed_{seed}'), run_one))
   return summaries
+
+
+def run_or_reuse(child, child_dir: str, run_one) -> dict:
+  """One run of a suite: the summary of an identical finished run, else `run_one`'s; a run that diverges (a NaN loss
+  under nonfinite='stop') is a result of the suite, recorded as `diverged`, not the suite's end."""
+  try:
+    return finished_summary(child, child_dir) or run_one(child, child_dir)
+  except NonFiniteError as error:
+    logging.warning('%s diverged: %s', child_dir, error)
+    return dict(workdir=child_dir, diverged=str(error), eval_top1=None, best_eval_top1=None)
 
 
 def best_cell_index(cells: list[dict]) -> int | None:

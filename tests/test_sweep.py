@@ -33,6 +33,25 @@ def test_results_table(tmp_path):
   assert 'held-out' not in markdown and 'heldout_top1' not in data
 
 
+def test_repeats_record_a_diverged_seed_and_give_no_mean(tmp_path, monkeypatch):
+  """Seed 1 diverges: seeds 0 and 2 still run, its row says so, and the recipe gets no mean."""
+  from kdjax import suites, train
+  from tests.tiny_configs import tiny
+
+  def fake_train(child, child_dir):
+    if child.seed == 1:
+      raise NonFiniteError('non-finite loss at step 3')
+    return dict(best_eval_top1=0.9 + child.seed / 100, eval_top1=0.9)
+  monkeypatch.setattr(train, 'train_and_evaluate', fake_train)
+  cfg = tiny.get_config('ce')
+  cfg.suite, cfg.repeats.seeds = 'repeats', (0, 1, 2)
+  assert suites.run_repeats(cfg, str(tmp_path))['best_eval_top1_mean'] is None
+  markdown = open(tmp_path / 'results.md').read()
+  assert '| seed_1 | diverged | diverged |' in markdown and '| seed_2 | 92.00 | 90.00 |' in markdown
+  assert '**diverged (1 of 3 seeds)**' in markdown
+  assert json.load(open(tmp_path / 'results.json'))['best_eval_top1'] == dict(mean=None, std=None)
+
+
 def test_results_table_has_the_held_out_column_in_subset_mode(tmp_path):
   rows = [dict(name='seed_0', best_eval_top1=0.9, eval_top1=0.89, heldout_top1=0.80),
           dict(name='seed_1', best_eval_top1=0.94, eval_top1=0.93, heldout_top1=0.86),
