@@ -27,7 +27,7 @@ METHOD_LOSSES = {
 
 
 def get_config(arg='kd'):
-  args = config_args(arg, 'teacher', 'cifar10', *METHOD_LOSSES)
+  args = config_args(arg, 'teacher', 'cifar10', *METHOD_LOSSES, exclusive=[('teacher', *METHOD_LOSSES)])
   cfg = base_config()
   cfg.data.dataset = '../shared/data/cifar10-jpeg.tar.gz' if 'cifar10' in args else 'cifar100'
   cfg.data.augment = 'crop_flip'

@@ -20,7 +20,7 @@ BATCH = 64
 
 
 def get_config(arg='kd'):
-  args = config_args(arg or 'kd', *METHOD_LOSSES, 'repeats')
+  args = config_args(arg or 'kd', *METHOD_LOSSES, 'repeats', exclusive=[METHOD_LOSSES])
   method = next((a for a in args if a in METHOD_LOSSES), 'kd')
   cfg = base_config()
   cfg.data.dataset = CIFAR10

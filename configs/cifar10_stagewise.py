@@ -30,7 +30,8 @@ SUBSET_PERCENT = 25
 
 
 def get_config(arg=''):
-  args = config_args(arg, 'ce', r'joint\d', 'subset', 'cumulative', 'finetune', 'repeats')
+  args = config_args(arg, 'ce', r'joint\d', 'subset', 'cumulative', 'finetune', 'repeats',
+                     exclusive=[('ce', r'joint\d', 'cumulative'), ('ce', r'joint\d', 'finetune')])
   cfg = base_config()
   cfg.data.dataset = CIFAR10
   cfg.data.augment = 'flip'

@@ -11,7 +11,8 @@ from configs import cifar10_student, cifar10_teacher
 
 
 def get_config(arg='5'):
-  config_args(arg, 'teacher', r'\d+(\.\d*)?')  # the teacher run, or a student at temperature T
+  temperature = r'\d+(\.\d*)?'
+  config_args(arg, 'teacher', temperature, exclusive=[('teacher', temperature)])  # the teacher, or a student at T
   if arg == 'teacher':
     cfg = cifar10_teacher.get_config()
     cfg.student.name = 'vgg19_bn'

@@ -12,14 +12,14 @@ feature maps and the labels together in one 40-epoch phase), `finetune` (classif
 `subset`, `published`, `repeats`, `smoke`.
 """
 from kdjax.config import base_config, config_args, joint, stagewise
-from configs.imagenette_student import COMMON_ARGS, TOTAL_EPOCHS, apply_common_args, student_optimizer
+from configs.imagenette_student import COMMON_ARGS, STUDENTS, TOTAL_EPOCHS, apply_common_args, student_optimizer
 from configs.imagenette_teacher import imagenette_data
 
 STAGE_EPOCHS, CLASSIFIER_EPOCHS = 5.0, 15.0
 
 
 def get_config(arg=''):
-  args = config_args(arg, *COMMON_ARGS, r'joint\d', 'finetune')
+  args = config_args(arg, *COMMON_ARGS, r'joint\d', 'finetune', exclusive=[STUDENTS, (r'joint\d', 'finetune')])
   cfg = apply_common_args(imagenette_data(base_config(), arg or ''), args)
   cfg.teacher.name = 'resnet34'
   cfg.teacher.workdir = 'workdirs/imagenette_teacher'

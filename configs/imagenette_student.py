@@ -48,7 +48,7 @@ COMMON_ARGS = ('smoke', 'subset', 'repeats', 'published', *STUDENTS)
 
 
 def get_config(arg=''):
-  args = config_args(arg, *COMMON_ARGS)
+  args = config_args(arg, *COMMON_ARGS, exclusive=[STUDENTS])
   cfg = apply_common_args(imagenette_data(base_config(), arg or ''), args)
   epochs = 0.5 if 'smoke' in args else TOTAL_EPOCHS
   cfg.phases.train = phase(epochs, {'ce': loss_term('ce')}, student_optimizer(args))

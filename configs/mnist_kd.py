@@ -15,7 +15,8 @@ STUDENTS = {'mlp': dict(name='mlp2', hidden=800), 'cnn3': dict(name='cnn3'),
 
 
 def get_config(arg='teacher_vgg16'):
-  config_args(arg, f'teacher_({"|".join(TEACHERS)})', f'({"|".join(STUDENTS)})_from_({"|".join(TEACHERS)})')
+  runs = (f'teacher_({"|".join(TEACHERS)})', f'({"|".join(STUDENTS)})_from_({"|".join(TEACHERS)})')
+  config_args(arg, *runs, exclusive=[runs])
   cfg = base_config()
   cfg.data.dataset = MNIST
   cfg.data.image_size = 32

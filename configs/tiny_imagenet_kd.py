@@ -23,7 +23,7 @@ TEACHER, STUDENT = 'resnet34_cifar', 'resnet18_cifar'
 
 
 def get_config(arg='kd'):
-  args = config_args(arg or 'kd', 'teacher', 'kd', 'ce', 'smoke')
+  args = config_args(arg or 'kd', 'teacher', 'kd', 'ce', 'smoke', exclusive=[('teacher', 'kd', 'ce')])
   cfg = base_config()
   cfg.data.dataset = TINY_IMAGENET
   cfg.data.train_split = 'train'

@@ -131,15 +131,20 @@ _CHOICES = {
 }
 
 
-def config_args(arg: str | None, *known: str) -> list[str]:
+def config_args(arg: str | None, *known: str, exclusive: Iterable[Iterable[str]] = ()) -> list[str]:
   """The comma-separated arguments of `--config file.py:arg`, each required to match one of the `known` patterns
-  (regexes, matched whole): a mistyped argument (`:dkdd`) must stop the command, not run the default recipe."""
+  (regexes, matched whole), at most one of each `exclusive` group of patterns: a mistyped argument (`:dkdd`) or
+  two that contradict each other (`:kd,dkd`) must stop the command, not run some recipe."""
   args = [a.strip() for a in (arg or '').split(',') if a.strip()]
   unknown = [a for a in args if not any(re.fullmatch(pattern, a) for pattern in known)]
   if unknown:
     choices = ', '.join(known) if known else 'none: use the file without `:arg`'
     raise UserError(f'config argument(s) {", ".join(map(repr, unknown))} not understood; this config file takes '
                     f'{choices} (comma-separated)')
+  for group in exclusive:
+    clashing = [a for a in args if any(re.fullmatch(pattern, a) for pattern in group)]
+    if len(clashing) > 1:
+      raise UserError(f'config arguments {", ".join(map(repr, clashing))} exclude each other; pick one')
   return args
 
 

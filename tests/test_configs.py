@@ -47,3 +47,20 @@ def test_config_refuses_an_argument_it_does_not_take(name):
   known = next((arg for arg in ARGS[name] if arg), None)
   with pytest.raises(UserError, match=r"config argument\(s\) 'bogus' not understood; this config file takes"):
     get_config(f'{known},bogus' if known else 'bogus')
+
+
+@pytest.mark.parametrize('name, arg', [('cifar100_benchmark.py', 'kd,dkd'), ('cifar10_vgg19_kd.py', 'teacher,5'),
+                                       ('mnist_kd.py', 'teacher_vgg16,mlp_from_vgg16'),
+                                       ('imagenette_stagewise.py', 'joint3,finetune'),
+                                       ('cifar10_stagewise.py', 'ce,joint4'), ('tiny_imagenet_kd.py', 'kd,ce')])
+def test_config_refuses_arguments_that_exclude_each_other(name, arg):
+  from kdjax.errors import UserError
+  get_config = runpy.run_path(os.path.join(ROOT, 'configs', name))['get_config']
+  with pytest.raises(UserError, match='exclude each other; pick one'):
+    get_config(arg)
+
+
+def test_smoke_combines_with_the_cpu_teacher_recipe():
+  get_config = runpy.run_path(os.path.join(ROOT, 'configs', 'cifar10_teacher.py'))['get_config']
+  cfg = get_config('resnet20_cpu,smoke')
+  assert cfg.student.name == 'resnet20' and cfg.phases.train.epochs == 1.0 and cfg.data.train_split == 'train[:2%]'
