@@ -101,7 +101,8 @@ def main(argv):
   except Exception as error:  # the config file is missing or raised while loading
     _fail(_explain_flag_error(sys.argv, error))
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
-  workdir = _WORKDIR.value or default_workdir(config_path)
+  from kdjax import config as config_lib
+  workdir = _WORKDIR.value or config_lib.default_workdir(*config_path.split(':', 1))
   logging.info('config %s -> workdir %s', config_path, workdir)
   from kdjax import compile_cache
   compile_cache.enable(cfg.data.cache_dir or None)
@@ -114,16 +115,6 @@ def main(argv):
     print(f'interrupted{resume}', file=sys.stderr, flush=True)
     sys.exit(130)
   print(json.dumps({_MODE.value: result}, default=str), flush=True)
-
-
-def default_workdir(config_path: str) -> str:
-  """workdirs/<config name>, then `_<arg>` for `file.py:arg` (`cifar10_teacher.py:smoke` ->
-  workdirs/cifar10_teacher_smoke): each variant of a config is its own experiment, so a smoke run never lands
-  where a full run, or a student looking for its teacher, expects the real one."""
-  file, _, arg = config_path.partition(':')
-  name = os.path.splitext(os.path.basename(file))[0]
-  suffix = re.sub(r'[^A-Za-z0-9.]+', '_', arg).strip('_')
-  return os.path.join('workdirs', f'{name}_{suffix}' if suffix else name)
 
 
 def _train(cfg, workdir):

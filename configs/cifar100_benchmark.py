@@ -6,11 +6,15 @@ alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embed
 each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
 RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels).
 Data: `cifar100` from tfds (needs `tfds build cifar100` with internet) or `--config.data.dataset=PATH` of an image
-folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`. CRD here contrasts
+folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`.
+Commands, the teacher first (each student reads the workdir its teacher command runs in without --workdir):
+  python main.py --config configs/cifar100_benchmark.py:teacher     # -> workdirs/cifar100_benchmark_teacher
+  python main.py --config configs/cifar100_benchmark.py:kd          # or :dkd, :crd, :ce
+  python main.py --config configs/cifar100_benchmark.py:teacher,cifar10 && ... :kd,cifar10   # on CIFAR-10 CRD here contrasts
 with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`). Not yet run on a GPU; `cifar10_methods.py` runs the
 same methods at a CPU budget.
 """
-from kdjax.config import base_config, config_args, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, default_workdir, loss_term, optimizer, phase
 
 
 # The loss terms of each method of the benchmark recipe, by its published weights, given DKD's linear warm-up in
@@ -35,8 +39,8 @@ def get_config(arg='kd'):
   cfg.compute_dtype = 'bfloat16'
   cfg.student.name = 'resnet32x4' if 'teacher' in args else 'resnet8x4'
   cfg.teacher.name = 'resnet32x4'
-  # The default workdirs of `:teacher` and `:teacher,cifar10`.
-  cfg.teacher.workdir = 'workdirs/cifar100_benchmark_teacher' + ('_cifar10' if 'cifar10' in args else '')
+  # Where `:teacher` (or `:teacher,cifar10`) runs without --workdir.
+  cfg.teacher.workdir = default_workdir(__file__, 'teacher,cifar10' if 'cifar10' in args else 'teacher')
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=(150, 180, 210), decay_factor=0.1)
   method = next((a for a in args if a in METHOD_LOSSES), 'ce')

@@ -12,7 +12,7 @@ Arguments (comma-separated): one of `ce`, `kd`, `dkd`, `crd` (default `kd`); `re
 """
 from configs.cifar100_benchmark import METHOD_LOSSES
 from configs.cifar10_teacher import CIFAR10
-from kdjax.config import base_config, config_args, optimizer, phase
+from kdjax.config import base_config, config_args, default_workdir, optimizer, phase
 
 EPOCHS = 6.0
 RECIPE_EPOCHS, RECIPE_BOUNDARIES, RECIPE_WARMUP_EPOCHS = 240, (150, 180, 210), 20
@@ -29,7 +29,7 @@ def get_config(arg='kd'):
   cfg.batch_size = BATCH
   cfg.student.name = 'resnet8'
   cfg.teacher.name = 'resnet20'
-  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20_cpu' if method != 'ce' else ''
+  cfg.teacher.workdir = default_workdir('cifar10_teacher.py', 'resnet20_cpu') if method != 'ce' else ''
   scale = EPOCHS / RECIPE_EPOCHS
   sgd = optimizer('sgd', learning_rate=0.05, momentum=0.9, weight_decay=5e-4, schedule='piecewise',
                   boundaries_epochs=tuple(b * scale for b in RECIPE_BOUNDARIES), decay_factor=0.1)

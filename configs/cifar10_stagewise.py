@@ -21,7 +21,7 @@ Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trai
 train[:25%] and report the held-out train[25%:] too, as the published 1/4-data comparison; every phase runs 4x the
 epochs, so both arms take as many steps as on the full split), `repeats` (seeds 0, 1, 2 -> results.md).
 """
-from kdjax.config import base_config, config_args, joint, loss_term, optimizer, phase, stagewise
+from kdjax.config import base_config, config_args, default_workdir, joint, loss_term, optimizer, phase, stagewise
 from configs.cifar10_teacher import CIFAR10
 
 NUM_MAPS, STAGE_EPOCHS, CLASSIFIER_EPOCHS = 4, 0.5, 2.0
@@ -39,7 +39,7 @@ def get_config(arg=''):
   cfg.batch_size = 128
   cfg.student.name = 'resnet8'
   cfg.teacher.name = 'resnet20'
-  cfg.teacher.workdir = 'workdirs/cifar10_teacher_resnet20_cpu'  # the default workdir of that teacher command
+  cfg.teacher.workdir = default_workdir('cifar10_teacher.py', 'resnet20_cpu')  # where that command runs
   adam = optimizer('adam', learning_rate=1e-2, schedule='cosine')
   scale = 1.0
   if 'subset' in args:

@@ -6,7 +6,7 @@ Commands:
   `python main.py --config configs/cifar10_vgg19_kd.py:20 --workdir workdirs/cifar10_vgg19_kd_20`
 Not yet run on a GPU.
 """
-from kdjax.config import config_args, loss_term, optimizer, phase
+from kdjax.config import config_args, default_workdir, loss_term, optimizer, phase
 from configs import cifar10_student, cifar10_teacher
 
 
@@ -20,6 +20,6 @@ def get_config(arg='5'):
     return cfg
   cfg = cifar10_student.get_config()
   cfg.teacher.name = 'vgg19_bn'
-  cfg.teacher.workdir = 'workdirs/cifar10_vgg19_kd_teacher'  # the default workdir of `:teacher`
+  cfg.teacher.workdir = default_workdir(__file__, 'teacher')  # where `:teacher` runs
   cfg.phases.train.losses = {'kd': loss_term('hinton_kd', alpha=0.9, temperature=float(arg))}
   return cfg

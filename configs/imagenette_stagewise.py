@@ -11,7 +11,7 @@ budget. Arguments (comma-separated): `small`, `smallest` (student size), `joint3
 feature maps and the labels together in one 40-epoch phase), `finetune` (classifier phase trains everything),
 `subset`, `published`, `repeats`, `smoke`.
 """
-from kdjax.config import base_config, config_args, joint, stagewise
+from kdjax.config import base_config, config_args, default_workdir, joint, stagewise
 from configs.imagenette_student import COMMON_ARGS, STUDENTS, TOTAL_EPOCHS, apply_common_args, student_optimizer
 from configs.imagenette_teacher import imagenette_data
 
@@ -22,7 +22,7 @@ def get_config(arg=''):
   args = config_args(arg, *COMMON_ARGS, r'joint\d', 'finetune', exclusive=[STUDENTS, (r'joint\d', 'finetune')])
   cfg = apply_common_args(imagenette_data(base_config(), arg or ''), args)
   cfg.teacher.name = 'resnet34'
-  cfg.teacher.workdir = 'workdirs/imagenette_teacher'
+  cfg.teacher.workdir = default_workdir('imagenette_teacher.py', 'smoke' if 'smoke' in args else '')
   scale = 0.1 if 'smoke' in args else 1.0
   adam = student_optimizer(args)
   joint_maps = [int(a[len('joint'):]) for a in args if a.startswith('joint')]

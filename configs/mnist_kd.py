@@ -6,7 +6,7 @@ Data: `../shared/data/mnist-png.tar.gz` (real MNIST as PNG folders, 60,000/10,00
   `python main.py --config configs/mnist_kd.py:mlp_from_vgg16 --workdir workdirs/mnist_kd_mlp_from_vgg16`
 MNIST is resized to 32 px (VGG's five pooling stages need it). Not yet run on a GPU.
 """
-from kdjax.config import base_config, config_args, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, default_workdir, loss_term, optimizer, phase
 
 MNIST = '../shared/data/mnist-png.tar.gz'
 TEACHERS = {'vgg16': 'vgg16_bn', 'resnet164': 'resnet164'}
@@ -30,7 +30,7 @@ def get_config(arg='teacher_vgg16'):
   student, _, teacher = arg.partition('_from_')
   cfg.student = STUDENTS[student]
   cfg.teacher.name = TEACHERS[teacher]
-  cfg.teacher.workdir = f'workdirs/mnist_kd_teacher_{teacher}'  # the default workdir of `:teacher_<name>`
+  cfg.teacher.workdir = default_workdir(__file__, f'teacher_{teacher}')  # where `:teacher_<name>` runs
   cfg.phases.train = phase(10, {'kd': loss_term('hinton_kd', alpha=0.7, temperature=4.0)},
                            optimizer('adam', learning_rate=1e-3, schedule='cosine'))
   return cfg

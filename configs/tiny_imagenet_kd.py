@@ -16,7 +16,7 @@ where ImageNet's 7x7/2 stem and max-pool would leave 2x2 maps before the pool. R
 batch 128 with 2 warm-up epochs and cosine decay, weight decay 5e-4, pad-4 crops + flips, bf16, 100 epochs each; KD
 is Hinton's (1-a) CE + a T^2 KL with a=0.9, T=4. Not yet run on a GPU, so no accuracy is claimed.
 """
-from kdjax.config import base_config, config_args, loss_term, optimizer, phase
+from kdjax.config import base_config, config_args, default_workdir, loss_term, optimizer, phase
 
 TINY_IMAGENET = '../shared/data/tiny-imagenet-200'
 TEACHER, STUDENT = 'resnet34_cifar', 'resnet18_cifar'
@@ -35,7 +35,7 @@ def get_config(arg='kd'):
   cfg.eval_every_epochs = 5.0
   cfg.student.name = TEACHER if 'teacher' in args else STUDENT
   cfg.teacher.name = TEACHER
-  cfg.teacher.workdir = 'workdirs/tiny_imagenet_kd_teacher'  # the default workdir of `:teacher`
+  cfg.teacher.workdir = default_workdir(__file__, 'teacher,smoke' if 'smoke' in args else 'teacher')
   epochs = 100
   if 'smoke' in args:
     cfg.data.train_split, cfg.data.eval_split = 'train[:1%]', 'val[:2%]'

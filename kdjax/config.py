@@ -8,6 +8,7 @@ the dataset is decoded.
 import copy
 import difflib
 import json
+import os
 import re
 from typing import Any, Callable, Iterable
 
@@ -146,6 +147,16 @@ def config_args(arg: str | None, *known: str, exclusive: Iterable[Iterable[str]]
     if len(clashing) > 1:
       raise UserError(f'config arguments {", ".join(map(repr, clashing))} exclude each other; pick one')
   return args
+
+
+def default_workdir(config_file: str, arg: str | None = '') -> str:
+  """Where `--config config_file[:arg]` runs without --workdir: workdirs/<config name>, then its arguments in sorted
+  order (`cifar10_teacher.py:smoke` -> workdirs/cifar10_teacher_smoke; `:kd,cifar10` and `:cifar10,kd` alike).
+  Each variant of a config is its own experiment, so a smoke run never lands where the full run, or a student
+  looking for its teacher, expects the real one; configs name their teachers' workdirs with this function too."""
+  name = os.path.splitext(os.path.basename(config_file))[0]
+  args = sorted(part for part in re.split(r'[^A-Za-z0-9.]+', arg or '') if part)
+  return os.path.join('workdirs', '_'.join([name, *args]))
 
 
 def single_run(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:

@@ -110,28 +110,33 @@ def test_unusable_workdirs_are_one_clear_line(tmp_path, mode, expected):
   assert expected in proc.stderr.strip().splitlines()[-1]
 
 
-def test_each_config_variant_gets_its_own_default_workdir():
-  """`:smoke` must not land in the full run's workdir, where students look for their teacher; and each config's
-  default teacher.workdir is the default workdir of its teacher command."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('kdjax_main', os.path.join(ROOT, 'main.py'))
-  main = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(main)
-  assert main.default_workdir('configs/cifar10_teacher.py') == 'workdirs/cifar10_teacher'
-  assert main.default_workdir('configs/cifar10_teacher.py:smoke') == 'workdirs/cifar10_teacher_smoke'
-  assert main.default_workdir('configs/cifar10_stagewise.py:ce,repeats') == 'workdirs/cifar10_stagewise_ce_repeats'
+def test_each_config_variant_gets_its_own_default_workdir(tmp_path):
+  """`:smoke` must not land in the full run's workdir, where students look for their teacher; the arguments' order
+  does not matter; and each config's default teacher.workdir is the default workdir of its teacher command."""
+  from kdjax.config import default_workdir
+  assert default_workdir('configs/cifar10_teacher.py') == 'workdirs/cifar10_teacher'
+  assert default_workdir('configs/cifar10_teacher.py', 'smoke') == 'workdirs/cifar10_teacher_smoke'
+  assert (default_workdir('configs/cifar100_benchmark.py', 'teacher,cifar10')
+          == default_workdir('configs/cifar100_benchmark.py', 'cifar10,teacher')
+          == 'workdirs/cifar100_benchmark_cifar10_teacher')
   from configs import cifar10_kd, cifar10_methods, cifar10_stagewise, cifar10_vgg19_kd, cifar100_benchmark, mnist_kd
-  from configs import tiny_imagenet_kd
-  for student, teacher_command in [
-      (cifar10_kd.get_config(), 'configs/cifar10_teacher.py'),
-      (cifar10_vgg19_kd.get_config('5'), 'configs/cifar10_vgg19_kd.py:teacher'),
-      (mnist_kd.get_config('mlp_from_resnet164'), 'configs/mnist_kd.py:teacher_resnet164'),
-      (cifar100_benchmark.get_config('kd'), 'configs/cifar100_benchmark.py:teacher'),
-      (cifar100_benchmark.get_config('dkd,cifar10'), 'configs/cifar100_benchmark.py:teacher,cifar10'),
-      (tiny_imagenet_kd.get_config('kd'), 'configs/tiny_imagenet_kd.py:teacher'),
-      (cifar10_methods.get_config('crd'), 'configs/cifar10_teacher.py:resnet20_cpu'),
-      (cifar10_stagewise.get_config('repeats'), 'configs/cifar10_teacher.py:resnet20_cpu')]:
-    assert student.teacher.workdir == main.default_workdir(teacher_command), teacher_command
+  from configs import imagenette_stagewise, tiny_imagenet_kd
+  for student, (teacher_file, teacher_arg) in [
+      (cifar10_kd.get_config(), ('cifar10_teacher.py', '')),
+      (cifar10_kd.get_config('smoke'), ('cifar10_teacher.py', 'smoke')),
+      (cifar10_vgg19_kd.get_config('5'), ('cifar10_vgg19_kd.py', 'teacher')),
+      (mnist_kd.get_config('mlp_from_resnet164'), ('mnist_kd.py', 'teacher_resnet164')),
+      (cifar100_benchmark.get_config('kd'), ('cifar100_benchmark.py', 'teacher')),
+      (cifar100_benchmark.get_config('dkd,cifar10'), ('cifar100_benchmark.py', 'cifar10,teacher')),
+      (tiny_imagenet_kd.get_config('kd'), ('tiny_imagenet_kd.py', 'teacher')),
+      (tiny_imagenet_kd.get_config('smoke,kd'), ('tiny_imagenet_kd.py', 'smoke,teacher')),
+      (imagenette_stagewise.get_config('smoke'), ('imagenette_teacher.py', 'smoke')),
+      (cifar10_methods.get_config('crd'), ('cifar10_teacher.py', 'resnet20_cpu')),
+      (cifar10_stagewise.get_config('repeats'), ('cifar10_teacher.py', 'resnet20_cpu'))]:
+    assert student.teacher.workdir == default_workdir(teacher_file, teacher_arg), (teacher_file, teacher_arg)
+  # main.py uses the same function when --workdir is left out.
+  proc = run_main('--config', f'{TINY}:ce', '--mode=check', check=True)
+  assert f'"workdir": "{default_workdir(TINY, "ce")}"' in proc.stdout
 
 
 def test_an_incomplete_multi_process_environment_is_one_clear_line(tmp_path):
