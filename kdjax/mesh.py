@@ -14,6 +14,9 @@ from kdjax.errors import UserError
 DATA_AXIS = 'data'
 
 
+EXPLICIT_VARIABLES = ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')
+
+
 def maybe_initialize_distributed() -> None:
   """Join a multi-process run when the environment says so; a single process does nothing.
 
@@ -22,7 +25,12 @@ def maybe_initialize_distributed() -> None:
   reads itself. Must run before anything touches a JAX backend: the CPU client is built with the cross-process
   collectives chosen here, and without them a CPU run of several processes cannot all-reduce its gradients.
   """
-  explicit = bool(os.environ.get('JAX_COORDINATOR_ADDRESS')) and _env_int('JAX_NUM_PROCESSES', 1) > 1
+  named = [var for var in EXPLICIT_VARIABLES if os.environ.get(var)]
+  if named and len(named) < len(EXPLICIT_VARIABLES):  # else each process would train alone into the same workdir
+    missing = [var for var in EXPLICIT_VARIABLES if var not in named]
+    raise UserError(f'{", ".join(named)} set but not {", ".join(missing)}: a multi-process run needs all of '
+                    f'{", ".join(EXPLICIT_VARIABLES)} on every process (JAX_PROCESS_ID an integer from 0)')
+  explicit = bool(named) and _env_int('JAX_NUM_PROCESSES') > 1
   launched = any(_env_int(var, 1) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
   if not (explicit or launched):
     return

@@ -139,11 +139,20 @@ def test_each_config_variant_gets_its_own_default_workdir(tmp_path):
   assert f'"workdir": "{default_workdir(TINY, "ce")}"' in proc.stdout
 
 
-def test_an_incomplete_multi_process_environment_is_one_clear_line(tmp_path):
-  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'),
-                  env={'JAX_COORDINATOR_ADDRESS': 'localhost:1234', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': None})
+@pytest.mark.parametrize('env, expected', [
+    ({'JAX_COORDINATOR_ADDRESS': 'localhost:1234', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': None},
+     'JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES set but not JAX_PROCESS_ID'),
+    ({'JAX_COORDINATOR_ADDRESS': None, 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '1'},
+     'JAX_NUM_PROCESSES, JAX_PROCESS_ID set but not JAX_COORDINATOR_ADDRESS'),
+    ({'JAX_COORDINATOR_ADDRESS': 'localhost:1234', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': 'one'},
+     "JAX_PROCESS_ID='one': a multi-process run needs"),
+])
+def test_an_incomplete_multi_process_environment_is_one_clear_line(tmp_path, env, expected):
+  """Anything short of all three variables would let each process train alone into the same workdir."""
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path / 'w'), env=env)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-  assert "JAX_PROCESS_ID='': a multi-process run needs" in proc.stderr.strip().splitlines()[-1]
+  assert expected in proc.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / 'w').exists()
 
 
 def test_eval_of_a_suite_workdir_names_its_runs(tmp_path):
