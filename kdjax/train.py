@@ -374,11 +374,18 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
       tx, state = run.phase_state(k, state)
     state = train_phase(run, k, tx, state, book)
   checkpoints.close()
-  return _finish(run, state, book, book.wall_s + time.time() - book.started)
+  rerun = start_step > 0 and int(jax.device_get(state.step)) == start_step  # a finished run, run again
+  return _finish(run, state, book, book.wall_s + time.time() - book.started, keep_timings=rerun)
 
 
-def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
-  """The run's summary (also summary.json), history and curves; the timings cover every invocation of the run."""
+# The summary's timings, which a re-run that trains nothing keeps from the summary it replaces.
+TIMINGS = ('wall_s', 'compile_s', 'train_images_per_s')
+
+
+def _finish(run: Run, state, book: Bookkeeping, wall_s: float, keep_timings: bool = False) -> dict:
+  """The run's summary (also summary.json), history and curves; the timings cover every invocation of the run
+  (with `keep_timings`, those of the summary.json it replaces, which a checkpoint from before kdjax recorded its
+  clock cannot restore)."""
   cfg = run.cfg
   last_eval = book.last_eval or run.evaluate(state, run.data.eval)  # a finished run re-run: just report
   steps_done = int(jax.device_get(state.step))
@@ -389,6 +396,9 @@ def _finish(run: Run, state, book: Bookkeeping, wall_s: float) -> dict:
                  nonfinite_updates=int(jax.device_get(state.nonfinite_updates)),
                  wall_s=round(wall_s, 2), compile_s=round(book.compile_s, 2),
                  train_images_per_s=round(book.train_images / book.train_s, 1) if book.train_s else None)
+  if keep_timings:
+    previous = export.read_json(os.path.join(run.workdir, 'summary.json'))
+    summary.update({key: previous[key] for key in TIMINGS if key in previous})
   if 'agreement' in last_eval:
     summary['eval_agreement'] = last_eval['agreement']
   if cfg.target_top1:
