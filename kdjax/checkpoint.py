@@ -36,13 +36,22 @@ class Checkpoints:
     self.best = _manager(os.path.join(workdir, 'best'), 1)
 
   def save(self, state, meta: dict, *, best: bool = False) -> None:
+    """Save `state` as the latest checkpoint, and as the best one with `best`.
+
+    The best copy is finished before the latest one starts. The other order loses it to a kill between the two: the
+    resumed run restores the latest checkpoint, whose meta already counts this step's accuracy as the best so far,
+    so no later evaluation improves on it and best/ never gets the step.
+    """
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if best:
+      if self.best.save(step, args=args):
+        self.best.wait_until_finished()
+      else:  # Orbax skips a step at or below its newest one
+        logging.warning('best checkpoint at step %d not saved: %s already holds step %d', step,
+                        self.best.directory, self.best.latest_step())
     if step not in self.latest.all_steps():
       self.latest.save(step, args=args)
-    if best and not self.best.save(step, args=args):  # Orbax skips a step at or below its newest one
-      logging.warning('best checkpoint at step %d not saved: %s already holds step %d', step,
-                      self.best.directory, self.best.latest_step())
 
   def restore_latest(self, abstract_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
     """The newest checkpoint that restores, else the one before, and so on; None when the workdir has none.

@@ -1,8 +1,10 @@
 """Faults: NaN/Inf updates, corrupted checkpoints. Finished work is never lost."""
+import json
 import os
 import shutil
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from kdjax import config as config_lib
@@ -152,3 +154,24 @@ def test_a_phase_whose_trainable_pattern_matches_nothing_is_refused(tmp_path):
   cfg.phases.train.trainable = '^stage/'
   with pytest.raises(UserError, match="phase `train` would train nothing: .*'\\^stage/' matches no parameter"):
     train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+
+
+def test_the_best_checkpoint_is_finished_before_the_latest_one_starts(tmp_path, monkeypatch):
+  """Else a kill between the two loses the best copy for good: the resumed run's meta already counts its accuracy."""
+  started = []
+  save = ocp.CheckpointManager.save
+
+  def latest_save_sees_best_finished(manager, step, *args, **kwargs):
+    if os.path.basename(str(manager.directory)) == 'checkpoints':
+      best_dir = os.path.join(str(tmp_path / 'run'), 'best')
+      started.append((step, os.path.isdir(os.path.join(best_dir, str(step)))))
+    return save(manager, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', latest_save_sees_best_finished)
+  train.train_and_evaluate(tiny.get_config('ce'), str(tmp_path / 'run'))
+  history = json.load(open(tmp_path / 'run' / 'history.json'))
+  best_steps, best = set(), -1.0
+  for row in history:
+    if 'eval/top1' in row and row['eval/top1'] > best:
+      best_steps.add(row['step'])
+      best = row['eval/top1']
+  assert best_steps and all(finished for step, finished in started if step in best_steps), started
