@@ -150,12 +150,13 @@ def config_args(arg: str | None, *known: str, exclusive: Iterable[Iterable[str]]
 
 
 def default_workdir(config_file: str, arg: str | None = '') -> str:
-  """Where `--config config_file[:arg]` runs without --workdir: workdirs/<config name>, then its arguments in sorted
-  order (`cifar10_teacher.py:smoke` -> workdirs/cifar10_teacher_smoke; `:kd,cifar10` and `:cifar10,kd` alike).
-  Each variant of a config is its own experiment, so a smoke run never lands where the full run, or a student
-  looking for its teacher, expects the real one; configs name their teachers' workdirs with this function too."""
+  """Where `--config config_file[:arg]` runs without --workdir: workdirs/<config name>, then its comma-separated
+  arguments in sorted order, joined by `_` (`cifar10_teacher.py:resnet20_cpu` -> workdirs/cifar10_teacher_resnet20_cpu;
+  `:kd,cifar10` and `:cifar10,kd` -> ..._cifar10_kd). Each variant of a config is its own experiment, so a smoke
+  run never lands where the full run, or a student looking for its teacher, expects the real one; configs name
+  their teachers' workdirs with this function too."""
   name = os.path.splitext(os.path.basename(config_file))[0]
-  args = sorted(part for part in re.split(r'[^A-Za-z0-9.]+', arg or '') if part)
+  args = sorted(re.sub(r'[^A-Za-z0-9._-]+', '-', part.strip()) for part in (arg or '').split(',') if part.strip())
   return os.path.join('workdirs', '_'.join([name, *args]))
 
 

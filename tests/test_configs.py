@@ -64,3 +64,16 @@ def test_smoke_combines_with_the_cpu_teacher_recipe():
   get_config = runpy.run_path(os.path.join(ROOT, 'configs', 'cifar10_teacher.py'))['get_config']
   cfg = get_config('resnet20_cpu,smoke')
   assert cfg.student.name == 'resnet20' and cfg.phases.train.epochs == 1.0 and cfg.data.train_split == 'train[:2%]'
+
+
+def test_docstring_workdirs_are_where_the_commands_run_by_default():
+  """A config docstring's `--config configs/X.py[:arg] --workdir W` names W = default_workdir(X, arg), the folder
+  the students' default teacher.workdir reads: following the docstring must not hide a teacher from its students."""
+  import re
+  found = 0
+  for path in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))):
+    for file, arg, workdir in re.findall(r'--config (configs/\w+\.py)(?::([\w,.]+))? --workdir (workdirs/[\w.,-]+)',
+                                         open(path).read()):
+      assert workdir == config_lib.default_workdir(file, arg), (os.path.basename(path), file, arg, workdir)
+      found += 1
+  assert found >= 15
