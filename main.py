@@ -1,7 +1,7 @@
 """kdjax command line: `python main.py [--config configs/X.py[:arg]] [--config.key=value ...] [--workdir DIR]`.
 
 With no flags it runs the embedded default (configs/default.py): a teacher, a CE student and a KD student on
-scikit-learn's bundled digits, offline, on a CPU, in a few minutes.
+scikit-learn's bundled digits, offline, on a CPU, in under a minute.
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """The embedded default: teacher, CE student and KD student on scikit-learn's bundled 8x8 digits.
 
-Command: `python main.py` (no download, CPU, a few minutes). Data: 1,797 real handwritten digits shipped with
+Command: `python main.py` (no download, CPU, under a minute). Data: 1,797 real handwritten digits shipped with
 scikit-learn (a fixed ~80/20 train/test split, see kdjax/data/digits.py). It trains a 3-layer CNN teacher, then a
 small 2-layer MLP student (32 hidden units) on labels only and with Hinton KD from that teacher, and prints a table
 of the three test accuracies (also in workdirs/default/results.md).

@@ -1,7 +1,7 @@
 """One thin wrapper over Orbax's CheckpointManager: latest (for resume), best (by eval accuracy), teacher loading.
 
 A workdir holds `checkpoints/` (the latest few, for auto-resume) and `best/` (the single best by eval top-1). Each
-checkpoint is the `TrainState` plus a JSON `meta` (phase, epoch, best accuracy so far, config fingerprint), so a
+checkpoint is the `TrainState` plus a JSON `meta` (phase, epoch, best accuracy so far, the run's timings), so a
 resumed run knows which phase it is in and a KD run can read its teacher without the teacher's training code.
 """
 import os

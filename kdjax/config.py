@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults: a CE run of `cnn2` on the bundled digits."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
-  cfg.suite = 'single'         # kdjax.suites.SUITES: single | kd_comparison | repeats
+  cfg.suite = 'single'         # kdjax.suites.SUITES: single | kd_comparison | repeats | sweep
   cfg.data = ml_collections.ConfigDict(dict(
       dataset='digits',        # tfds name, image-folder path or .tar.gz path
       train_split='train',     # tfds-style slicing works for every source: 'train[:25%]'
@@ -105,8 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.phases = ml_collections.ConfigDict(dict(
       train=phase(10, {'ce': loss_term('ce')})))
   cfg.eval_every_epochs = 1.0
-  # > 0: summary.json reports the training seconds and epochs to this eval top-1 (the seconds of the process that
-  # reached it: compile, evaluation and checkpoints excluded; a resumed run counts from its resume).
+  # > 0: summary.json reports the training seconds and epochs to this eval top-1 (compile, evaluation and
+  # checkpoints excluded; a resumed run adds up its invocations up to the checkpoint it resumed from).
   cfg.target_top1 = 0.0
   cfg.log_every_steps = 50
   cfg.checkpoint_every_steps = 0  # 0 = checkpoint at every evaluation and at the end of each phase

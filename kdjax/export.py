@@ -1,8 +1,9 @@
 """A trained model as a self-contained artifact, and the plain predictor that loads it.
 
 `export_run(workdir)` writes `WORKDIR/export/`: `model.json` (architecture, classes, input size, normalisation) and
-`params.msgpack` (parameters and BatchNorm statistics). `Predictor.load(path)` needs only that folder and
-`kdjax.models` -- no config schema, data pipeline, optimizer or checkpoint code -- and also reads a run's workdir
+`params.msgpack` (parameters and BatchNorm statistics). `Predictor.load(path)` needs only that folder,
+`kdjax.models` and the image decoder of `kdjax.data` -- no config schema, optimizer or checkpoint code -- and also
+reads a run's workdir
 directly (its best checkpoint), which is what `--mode=eval` and `--mode=predict` use.
 """
 import dataclasses

@@ -23,7 +23,8 @@ source classifier is dropped and the head stays freshly initialised, and `save_a
 by default keeps anyone from distilling random logits by accident. `fresh_head=True` works for ResNets too, to reuse
 an ImageNet backbone under a head with another number of classes.
 
-CLI: `python -m kdjax.interop.torch_import MODEL_NAME STATE_DICT.pth WORKDIR [--num-classes N] [--fresh-head]`.
+CLI: `python -m kdjax.interop.torch_import MODEL_NAME STATE_DICT.pth WORKDIR [--num-classes N] [--fresh-head]
+[--mean M M M --std S S S]` (the input normalisation the weights were trained with; ImageNet's by default).
 Torch is imported only where a torch file or module is read (`pip install 'kdjax[torch]'`); converting a state_dict of
 numpy arrays needs no torch.
 """
