@@ -3,8 +3,7 @@
 `export_run(workdir)` writes `WORKDIR/export/`: `model.json` (architecture, classes, input size, normalisation) and
 `params.msgpack` (parameters and BatchNorm statistics). `Predictor.load(path)` needs only that folder,
 `kdjax.models` and the image decoder of `kdjax.data` -- no config schema, optimizer or checkpoint code -- and also
-reads a run's workdir
-directly (its best checkpoint), which is what `--mode=eval` and `--mode=predict` use.
+reads a run's workdir directly (its best checkpoint), which is what `--mode=eval` and `--mode=predict` use.
 """
 import dataclasses
 import glob
