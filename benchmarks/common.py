@@ -189,16 +189,17 @@ def compile_timed(jitted, *args) -> tuple[Any, float]:
 def train_loop(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, first: int, count: int,
                log_every: int):
   """`count` steps exactly as `kdjax.train` runs them: one dispatch of the fused program (gather, step, metric
-  accumulation on the device) per step, the metrics read at each log step."""
+  accumulation on the device) per step, the metrics read at each log step. `first` is the state's step (the program
+  reads its batch's place in the epoch from it)."""
   split = (dataset.images, dataset.labels)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
   replicated = mesh_lib.replicated(dataset.mesh)
   acc, order, order_epoch = metrics_lib.empty_like(phase.metrics_template, replicated), None, None
   for step in range(first, first + count):
-    epoch, index = divmod(step, steps_per_epoch)
+    epoch = step // steps_per_epoch  # the program takes its batch's place in the epoch from state.step
     if order_epoch != epoch:
       order, order_epoch = dataset.epoch_order(0, epoch), epoch
-    state, acc = phase.steps_fn(state, phase.teacher_vars, split, order, index, acc)
+    state, acc = phase.steps_fn(state, phase.teacher_vars, split, order, acc)
     if (step + 1) % log_every == 0:
       jax.device_get(acc.compute())
       acc = metrics_lib.empty_like(phase.metrics_template, replicated)

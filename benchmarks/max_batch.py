@@ -178,7 +178,7 @@ def kdjax_side(args) -> dict:
                                mesh=mesh)
     acc = metrics_lib.empty_like(phase.metrics_template, replicated)
     order = dataset.epoch_order(0, 0)
-    compiled = phase.steps_fn.lower(phase.state, phase.teacher_vars, split, order, 0, acc).compile()
+    compiled = phase.steps_fn.lower(phase.state, phase.teacher_vars, split, order, acc).compile()
     return phase, acc, order, compiled
 
   def release():

@@ -166,15 +166,18 @@ def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, stat
 
 
 def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state_lib.TrainState, teacher_vars,
-                  split: tuple[jax.Array, jax.Array], order: jax.Array, index, acc):
-  """What the trainer dispatches per step, as one XLA program: gather batch `index` of `order` from the resident
-  split (`split` = (images, labels), replicated), run `train_step`, add its metrics to the accumulator `acc`.
+                  split: tuple[jax.Array, jax.Array], order: jax.Array, acc):
+  """What the trainer dispatches per step, as one XLA program: gather the step's batch of this epoch's `order` from
+  the resident split (`split` = (images, labels), replicated), run `train_step`, add its metrics to the
+  accumulator `acc`.
 
   Gathering and accumulating inside the step's program leaves one dispatch per step instead of three (gather, step,
-  metric merge). Several steps per dispatch (a `fori_loop` over this body) were tried and dropped: on the CPU
-  backend the loop ran 4.7x slower than separate dispatches (see benchmarks/README.md).
+  metric merge), and the batch's position in the epoch comes from the state's step counter, so nothing crosses from
+  the host on a step (`order` changes once an epoch). Several steps per dispatch (a `fori_loop` over this body) were
+  tried and dropped: on the CPU backend the loop ran 4.7x slower than separate dispatches (see benchmarks/README.md).
   """
   images, labels = split
+  index = state.step % spec.steps_per_epoch
   batch = loader.gather_batch(images, labels, order, index, batch_size=batch_size, sharding=batch_sharding)
   state, step_metrics = train_step(spec, state, teacher_vars, batch)
   return state, metrics_lib.accumulate(acc, step_metrics)
@@ -197,7 +200,7 @@ def jit_train_step(spec: PhaseStep, state_sharding):
 
 
 def jit_train_program(spec: PhaseStep, batch_size: int, batch_sharding, state_sharding):
-  return jax.jit(functools.partial(train_program, spec, batch_size, batch_sharding), donate_argnums=(0, 5),
+  return jax.jit(functools.partial(train_program, spec, batch_size, batch_sharding), donate_argnums=(0, 4),
                  out_shardings=(state_sharding, state_sharding))
 
 

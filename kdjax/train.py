@@ -295,11 +295,11 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:
-    epoch, index = divmod(step, plan.steps_per_epoch)
+    epoch = step // plan.steps_per_epoch  # the program takes its batch's place in the epoch from state.step
     if order_epoch != epoch:
       order, order_epoch = run.data.train.epoch_order(cfg.seed, epoch), epoch
     t0 = time.time()
-    state, acc = train_fn(state, run.train_teacher_arg, split, order, index, acc)
+    state, acc = train_fn(state, run.train_teacher_arg, split, order, acc)
     if step == first_step:  # the first step compiles: time it apart from the steady state
       jax.block_until_ready(state.step)
       book.compile_s += time.time() - t0
