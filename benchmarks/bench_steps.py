@@ -92,8 +92,8 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   state, loop_s = common.time_train(phase, phase.state, dataset, args.batch, args.steps, args.warmup,
                                     args.log_every)
   state, step_s = common.time_step_only(train_step, state, phase.teacher_vars, batches, args.steps, 1)
-  eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state, phase.eval_teacher_vars,
-                                                   next(dataset.eval_batches(args.eval_batch)))
+  eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state.params, state.model_state,
+                                                   phase.eval_teacher_vars, next(dataset.eval_batches(args.eval_batch)))
   common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)  # warm-up pass
   eval_s = common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)
   memory = common.compiled_memory(train_step)

@@ -234,7 +234,7 @@ def eval_pass(compiled, state, teacher_vars, dataset: loader.ResidentDataset, ba
   t0 = time.perf_counter()
   total = None
   for batch in dataset.eval_batches(batch_size):
-    batch_metrics = compiled(state, teacher_vars, batch)
+    batch_metrics = compiled(state.params, state.model_state, teacher_vars, batch)
     total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
   jax.block_until_ready(total)
   return time.perf_counter() - t0

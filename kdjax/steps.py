@@ -152,11 +152,13 @@ def _keep_frozen(old_model_state, new_model_state, pattern):
   return state_lib.merge(new_rest, old_frozen)
 
 
-def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, state: state_lib.TrainState,
-              teacher_vars, batch):
-  """Accuracy, top-5, cross-entropy and (with a teacher) agreement on one masked batch."""
+def eval_step(student_def, teacher: Teacher | None, preprocess: Preprocess, params, model_state, teacher_vars, batch):
+  """Accuracy, top-5, cross-entropy and (with a teacher) agreement on one masked batch.
+
+  It takes the model's variables, not the whole `TrainState`: the optimizer state's structure changes from phase to
+  phase, and a jitted eval of the state would be traced and lowered again at every phase."""
   images = preprocess.eval(batch['image'])
-  model = nnx.merge(student_def, state.params, state.model_state)
+  model = nnx.merge(student_def, params, model_state)
   logits, _ = model(images, train=False)
   outputs = metrics_lib.classification_outputs(
       logits, batch['label'], None if teacher is None else teacher.forward(teacher_vars, images)[0])

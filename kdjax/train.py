@@ -151,7 +151,7 @@ class Run:
   def evaluate(self, state, dataset) -> dict[str, float]:
     total = None
     for batch in dataset.eval_batches(self.cfg.eval_batch_size):
-      batch_metrics = self.eval_fn(state, self.teacher_vars, batch)
+      batch_metrics = self.eval_fn(state.params, state.model_state, self.teacher_vars, batch)
       total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
     return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 

@@ -393,3 +393,18 @@ def test_a_train_step_moves_nothing_between_host_and_devices(tmp_path, monkeypat
   cfg.phases.train.epochs = 2
   summary = train.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert len(calls) == summary['steps'] == 44
+
+
+def test_the_eval_program_is_traced_once_for_every_phase(tmp_path, teacher_workdir, monkeypatch):
+  """Three phases, three optimizer-state structures: evaluation still runs one traced program (it takes the model's
+  variables, not the train state), so a phase change costs no new trace and lowering of the eval."""
+  jit_eval, programs = steps.jit_eval_step, []
+
+  def kept(*args):
+    programs.append(jit_eval(*args))
+    return programs[-1]
+  monkeypatch.setattr(steps, 'jit_eval_step', kept)
+  cfg = tiny.get_config('stagewise')
+  cfg.teacher.workdir = teacher_workdir
+  train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  assert len(cfg.schedule) == 3 and len(programs) == 1 and programs[0]._cache_size() == 1
