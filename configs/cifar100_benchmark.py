@@ -11,8 +11,8 @@ Commands, the teacher first (each student reads the workdir its teacher command 
   python main.py --config configs/cifar100_benchmark.py:teacher     # -> workdirs/cifar100_benchmark_teacher
   python main.py --config configs/cifar100_benchmark.py:kd          # or :dkd, :crd, :ce
   python main.py --config configs/cifar100_benchmark.py:teacher,cifar10 && ... :kd,cifar10   # on CIFAR-10
-CRD contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`), on every dataset. Not yet run on a GPU; `cifar10_methods.py` runs the
-same methods at a CPU budget.
+CRD contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`), on every dataset. Not yet run on a
+GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
 """
 from kdjax.config import base_config, config_args, default_workdir, loss_term, optimizer, phase
 

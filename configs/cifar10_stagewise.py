@@ -12,8 +12,9 @@ Commands (teacher first):
 Budget: 4 epochs in both arms (stage-wise: 4 x 0.5 epoch of maps + 2 epochs of classifier), flips, float32, batch
 128, every phase Adam 1e-2 with its own cosine decay. Why 1e-2: at this budget every phase is limited by how far Adam
 can move the weights (about lr per step). Measured on seed 0 (README, "Measured so far"): Adam 1e-3 constant left
-the student's stem map at 46% relative error to the teacher's (47.8% top-1, frozen backbone; that run's summary.json) and the labels-only
-arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only arm to 72.8%.
+the student's stem map at 46% relative error to the teacher's (47.8% top-1, frozen backbone; that run's
+summary.json) and the labels-only arm at 64.5%; 1e-2 cosine brought them to 4% error and 61.9%, and the labels-only
+arm to 72.8%.
 
 Arguments (comma-separated): `ce` (data only), `finetune` (classifier phase trains everything), `cumulative`
 (stage phase k trains stages 0..k, not stage k alone), `joint3`, `joint4`
