@@ -16,8 +16,9 @@ Cost and sharing: building costs `num_views` epochs of teacher forward passes, s
 run is longer than that (flip: after 2 epochs; crop+flip: after 162). Runs that share teacher and data (the cells
 and seeds of a sweep, repeats) share the table: it is saved under the data cache dir, keyed by a hash of the
 teacher's structure and variables, the training images and labels, the augmentation, dtype, batch size and device
-count, and the next run loads it instead of recomputing. Memory: num_views x examples x classes values of the teacher's logit dtype
-(CIFAR-10 crop+flip in float32: 162 x 50,000 x 10 x 4 B = 324 MB; CIFAR-100: 3.2 GB), replicated on each device.
+count, and the next run loads it instead of recomputing. Memory: num_views x examples x classes values of the
+teacher's logit dtype (CIFAR-10 crop+flip in float32: 162 x 50,000 x 10 x 4 B = 324 MB; CIFAR-100: 3.2 GB),
+replicated on each device.
 
 Refused (with a message) where it cannot be exact: augmentations without a finite set of views (random-resized
 crops; mixup would be another), and loss terms that use the teacher's feature maps (only logits are cached: the
