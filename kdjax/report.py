@@ -37,8 +37,11 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> tuple[str, dict
            '|---' * (len(columns) + 1) + '|']
   lines += [f'| {r["name"]} | ' + ' | '.join('diverged' if 'diverged' in r else pct(r[key]) for key, *_ in columns)
             + ' |' for r in rows]
-  summary = (lambda key: f'**diverged ({diverged} of {len(rows)} seeds)**') if diverged else (
-      lambda key: f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**')
+
+  def summary(key):
+    if diverged:
+      return f'**diverged ({diverged} of {len(rows)} seeds)**'
+    return f'**{pct(stats[key][0])} ± {pct(stats[key][1])}**'
   lines += [f'| **mean ± std (n={len(rows)})** | ' + ' | '.join(summary(key) for key, *_ in columns) + ' |', '']
   markdown = '\n'.join(lines)
   data = dict(title=title, runs=rows, **{name: dict(mean=stats[key][0], std=stats[key][1])

@@ -83,8 +83,9 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
     cells.append(dict(cell=cell_name(assignment), assignment=assignment,
                       runs=_run_cell(cfg, workdir, assignment, cfg.repeats.seeds, run_one)))
   extra = [s for s in cfg.sweep.best_cell_seeds if s not in cfg.repeats.seeds]
-  if extra and best_cell_index(cells) is not None:
-    winner = cells[best_cell_index(cells)]
+  winner_index = best_cell_index(cells)
+  if extra and winner_index is not None:  # no confirmation when every cell diverged
+    winner = cells[winner_index]
     logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
     winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
   return write_sweep_results(workdir, cells)
