@@ -188,6 +188,13 @@ def test_max_batch_kdjax_side_finds_where_the_xla_plan_crosses_the_limit(tmp_pat
   assert ENVIRONMENT_KEYS <= set(report) and report['sides']['kdjax']['batch'] == row['batch']
 
 
+def test_max_batch_run_probe_runs_the_train_program(tmp_path):
+  """`--probe run` (the default on a GPU) runs two real steps at each probed batch: here everything fits."""
+  row = max_batch.main([*TINY_MODELS, '--image-size', '8', '--num-examples', '128', '--sides', 'kdjax', '--probe',
+                        'run', '--memory-limit-mib', '1e6', '--line-batches', '8,16', '--multiple', '1'])['sides']['kdjax']
+  assert row['probe'] == 'run' and row['batch'] == 128 and row['first_failing'] is None
+
+
 FAKE_PEER_MODULE = textwrap.dedent('''\
     """Stands in for torch_kd_peer.py's kd_loss, augment, MEAN and STD (the max_batch peer probe imports them)."""
     import torch
