@@ -131,7 +131,8 @@ def _check(cfg, workdir):
               dataset=cfg.data.dataset)
 
 
-# Where this machine keeps data and caches: never taken from a run's record, which may come from another machine.
+# Where a machine keeps data and caches: taken from a run's record only where that folder exists here (the record
+# may come from another machine).
 _MACHINE_DATA_KEYS = ('cache_dir', 'data_dir')
 
 
@@ -143,8 +144,8 @@ def _run_data(cfg, workdir):
   given = {key.split('.', 1)[1] for key in config_flags.get_override_values(flags.FLAGS['config'])
            if key.startswith('data.')}
   data = cfg.data.to_dict()
-  data.update({key: value for key, value in recorded.items()
-               if key in data and key not in given and key not in _MACHINE_DATA_KEYS})
+  data.update({key: value for key, value in recorded.items() if key in data and key not in given and (
+      key not in _MACHINE_DATA_KEYS or (value and os.path.isdir(os.path.expanduser(value))))})
   return data
 
 

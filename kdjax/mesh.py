@@ -25,13 +25,14 @@ def maybe_initialize_distributed() -> None:
   reads itself. Must run before anything touches a JAX backend: the CPU client is built with the cross-process
   collectives chosen here, and without them a CPU run of several processes cannot all-reduce its gradients.
   """
+  launched = any(_env_int(var, 1) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
   named = [var for var in EXPLICIT_VARIABLES if os.environ.get(var)]
-  if named and len(named) < len(EXPLICIT_VARIABLES):  # else each process would train alone into the same workdir
+  # Without a launcher that tells JAX the rest, a partial set would let each process train alone into one workdir.
+  if named and len(named) < len(EXPLICIT_VARIABLES) and not launched:
     missing = [var for var in EXPLICIT_VARIABLES if var not in named]
     raise UserError(f'{", ".join(named)} set but not {", ".join(missing)}: a multi-process run needs all of '
                     f'{", ".join(EXPLICIT_VARIABLES)} on every process (JAX_PROCESS_ID an integer from 0)')
-  explicit = bool(named) and _env_int('JAX_NUM_PROCESSES') > 1
-  launched = any(_env_int(var, 1) > 1 for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  explicit = len(named) == len(EXPLICIT_VARIABLES) and _env_int('JAX_NUM_PROCESSES') > 1
   if not (explicit or launched):
     return
   if jax.config.jax_cpu_collectives_implementation is None:

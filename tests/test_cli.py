@@ -189,3 +189,17 @@ def test_an_argument_the_config_does_not_take_is_one_clear_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: config argument(s) 'dkdd' not understood; this config file takes teacher, cifar10, ce, kd, dkd, crd "
       "(comma-separated)")
+
+
+def test_a_launcher_completes_a_partial_multi_process_environment(monkeypatch):
+  """Under SLURM (or Open MPI) the coordinator address alone is enough: jax.distributed reads the rest itself."""
+  from kdjax import mesh
+  calls = []
+  monkeypatch.setattr(mesh.jax.distributed, 'initialize', lambda *args, **kwargs: calls.append(kwargs))
+  monkeypatch.setenv('SLURM_NTASKS', '2')
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
+  monkeypatch.delenv('JAX_NUM_PROCESSES', raising=False)
+  monkeypatch.delenv('JAX_PROCESS_ID', raising=False)
+  monkeypatch.setattr(mesh.jax.config, 'update', lambda *args: None)  # the collectives of a backend already built
+  mesh.maybe_initialize_distributed()
+  assert calls == [{}]
