@@ -12,7 +12,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 from flax import nnx, serialization, traverse_util
 from PIL import Image
@@ -47,7 +46,7 @@ class Predictor:
       model = _build(spec)
       with open(os.path.join(folder, 'params.msgpack'), 'rb') as f:
         pure = serialization.msgpack_restore(f.read())
-    except (OSError, ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:  # msgpack's errors are ValueErrors
       raise UserError(f'cannot read the export in {folder} ({type(error).__name__}: {error}); {redo}') from None
     variables = nnx.state(model, (nnx.Param, nnx.BatchStat))
     expected = {tuple(map(str, path)): leaf.shape for path, leaf in nnx.to_flat_state(variables)}
