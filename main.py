@@ -16,7 +16,7 @@ from kdjax.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, event files and results go '
-                               '(default: workdirs/<config name>, workdirs/<config name>_<arg> for file.py:arg).')
+                               '(default: kdjax.config.default_workdir: workdirs/<config name>[_<args, sorted>]).')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'check', 'eval', 'match', 'predict', 'export'],
                           'train (or resume) the config; check: validate it and exit (no data read, nothing '
                           'trained); eval: accuracy of the run\'s best checkpoint on data.eval_split; match: how '
@@ -58,6 +58,10 @@ def _explain_flag_error(argv, error) -> str:
   return f'{error}'.replace('\n', ' ') + ' (fix the value of that --config flag)'
 
 
+# What ml_collections raises for a bad --config flag, and config_args for a bad `file.py:arg`.
+_FLAG_ERRORS = (AttributeError, KeyError, ValueError, TypeError, UserError)
+
+
 def _define_config_flag():
   """The --config flag. Its default file is loaded here, at import, and the --config.key=value overrides of the
   command line are applied to it at once, so a misspelled key in a command without --config fails here, not in
@@ -66,7 +70,7 @@ def _define_config_flag():
     return config_flags.DEFINE_config_file('config', os.path.join(HERE, 'configs', 'default.py'),
                                            'Experiment config file (ml_collections), optionally `file.py:arg`.',
                                            lock_config=True)
-  except (AttributeError, KeyError, ValueError, TypeError, UserError) as error:
+  except _FLAG_ERRORS as error:
     _fail(_explain_flag_error(sys.argv, error))
 
 
@@ -78,7 +82,7 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as error:
     _fail(_explain_flag_error(argv, error))
-  except (AttributeError, KeyError, ValueError, TypeError, UserError) as error:
+  except _FLAG_ERRORS as error:
     _fail(_explain_flag_error(argv, error))
 
 
