@@ -108,7 +108,7 @@ def main(argv):
   from kdjax import config as config_lib
   workdir = _WORKDIR.value or config_lib.default_workdir(*config_path.split(':', 1))
   logging.info('config %s -> workdir %s', config_path, workdir)
-  from kdjax import compile_cache
+  from kdjax import compile_cache, report
   compile_cache.enable(cfg.data.cache_dir or None)
   try:
     result = MODES[_MODE.value](cfg, workdir)
@@ -118,7 +118,7 @@ def main(argv):
     resume = f'; the same command resumes from the latest checkpoint in {workdir}' if _MODE.value == 'train' else ''
     print(f'interrupted{resume}', file=sys.stderr, flush=True)
     sys.exit(130)
-  print(json.dumps({_MODE.value: result}, default=str), flush=True)
+  print(json.dumps(report.strict({_MODE.value: result}), default=str, allow_nan=False), flush=True)
 
 
 def _train(cfg, workdir):

@@ -5,6 +5,7 @@ import math
 import os
 
 import jax
+import numpy as np
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -50,12 +51,25 @@ def write_results(workdir: str, title: str, rows: list[dict]) -> tuple[str, dict
   return markdown, data
 
 
+def strict(data):
+  """`data` with every non-finite float (a diverged run's NaN loss) as None: JSON has no NaN, and Python's bare
+  `NaN` in a file breaks every other reader (jq, JavaScript, pandas' strict mode)."""
+  if isinstance(data, dict):
+    return {key: strict(value) for key, value in data.items()}
+  if isinstance(data, (list, tuple)):
+    return [strict(value) for value in data]
+  if isinstance(data, (float, np.floating)):
+    return float(data) if math.isfinite(data) else None
+  return data
+
+
 def write_json(path: str, data, **dump_args) -> None:
-  """Write JSON atomically (a temporary file, then a rename): a run killed mid-write, or another process reading
-  at that moment, sees the old file or the new one, never half of one -- a sweep resumes from these files."""
+  """Write strict JSON (see `strict`) atomically (a temporary file, then a rename): a run killed mid-write, or
+  another process reading at that moment, sees the old file or the new one, never half of one -- a sweep resumes
+  from these files."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(data, f, **dump_args)
+    json.dump(strict(data), f, allow_nan=False, **dump_args)
   os.replace(tmp, path)
 
 
@@ -82,7 +96,9 @@ class History:
     self.rows = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self.rows = [row for row in json.load(f) if row['step'] <= upto_step]
+        # A diverged step's NaN was written as null (`strict`); it is NaN again here, for plots and comparisons.
+        self.rows = [{k: math.nan if v is None else v for k, v in row.items()}
+                     for row in json.load(f) if row['step'] <= upto_step]
 
   def record(self, step: int, scalars: dict) -> None:
     self.rows.append(dict(step=int(step), **{k: float(v) for k, v in scalars.items()}))

@@ -9,6 +9,7 @@ import pytest
 
 from kdjax import config as config_lib
 from kdjax import export
+from kdjax import report
 from kdjax import run_data
 from kdjax import train
 from kdjax.data import load_split
@@ -49,10 +50,27 @@ def test_nonfinite_loss_stops_with_step_terms_and_kept_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in kept.values())
 
 
+def _strict_json(path):
+  """The file parsed as strict JSON: Python's bare NaN/Infinity raise."""
+  def refuse(constant):
+    raise ValueError(f'{path} holds {constant}, which is not JSON')
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
 def test_nonfinite_updates_can_be_skipped_and_counted(tmp_path):
-  summary = train.train_and_evaluate(_diverging_config('skip'), str(tmp_path / 'run'))
+  workdir = str(tmp_path / 'run')
+  summary = train.train_and_evaluate(_diverging_config('skip'), workdir)
   assert summary['nonfinite_updates'] > 0
-  assert all(np.isfinite(v).all() for v in final_variables(str(tmp_path / 'run')).values())
+  assert all(np.isfinite(v).all() for v in final_variables(workdir).values())
+  # The NaN losses of the skipped steps are JSON nulls on disk, and NaN again when the history is read back.
+  assert _strict_json(os.path.join(workdir, 'summary.json'))['eval_loss'] is None  # the huge finite weights' loss
+  rows = _strict_json(os.path.join(workdir, 'history.json'))
+  nulls = [(row['step'], key) for row in rows for key, value in row.items() if value is None]
+  assert nulls
+  step, key = nulls[0]
+  history = report.History(workdir, upto_step=step)
+  assert np.isnan(history.rows[-1][key]) and history.rows[-1]['step'] == step
 
 
 def _truncate(checkpoint_dir):
