@@ -24,8 +24,8 @@ def optimizer(name='sgd', learning_rate=0.1, **overrides) -> ml_collections.Conf
       learning_rate=learning_rate,  # peak learning rate
       momentum=0.9,            # sgd only
       nesterov=False,          # sgd only
-      weight_decay=0.0,        # sgd: L2 added to the gradient; adam(w): decoupled decay
-      schedule='cosine',       # constant | cosine | linear | onecycle | piecewise
+      weight_decay=0.0,        # sgd, adam: L2 added to the gradient (as torch's); adamw: decoupled decay
+      schedule='cosine',       # constant | cosine | linear | onecycle (lr only; momentum fixed) | piecewise
       warmup_epochs=0.0,       # linear warm-up from 0 before the schedule
       boundaries_epochs=(),    # piecewise: epochs at which the rate is multiplied by decay_factor
       decay_factor=0.1,        # piecewise only

@@ -22,8 +22,12 @@ def _onecycle(peak, steps, steps_per_epoch, cfg):
 
 def _piecewise(peak, steps, steps_per_epoch, cfg):
   # The boundaries are epochs of the phase; this schedule starts after the warm-up, so they move back by it.
+  # Boundaries at one step multiply their factors, as torch's MultiStepLR counts a repeated milestone twice.
   warmup = warmup_steps(cfg, steps_per_epoch)
-  boundaries = {int(round(e * steps_per_epoch)) - warmup: cfg.decay_factor for e in cfg.boundaries_epochs}
+  boundaries = {}
+  for epoch in cfg.boundaries_epochs:
+    step = int(round(epoch * steps_per_epoch)) - warmup
+    boundaries[step] = boundaries.get(step, 1.0) * cfg.decay_factor
   return optax.piecewise_constant_schedule(peak, boundaries)
 
 

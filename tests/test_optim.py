@@ -19,6 +19,14 @@ def test_piecewise_boundaries_are_epochs_of_the_phase_with_or_without_warm_up():
     np.testing.assert_allclose(rates, [0.05, 0.005, 0.005, 5e-4, 5e-4, 5e-5, 5e-5], rtol=1e-5)
 
 
+def test_piecewise_boundaries_at_one_step_multiply_their_factors():
+  """As torch's MultiStepLR: a repeated milestone (or two epochs rounding to one step) decays twice."""
+  for boundaries in ((3, 3), (3.001, 3.004)):
+    cfg = config_lib.optimizer('sgd', learning_rate=1.0, schedule='piecewise', boundaries_epochs=boundaries,
+                               decay_factor=0.1)
+    np.testing.assert_allclose(_rates(cfg, 1000, 100, at=[299, 300, 999]), [1.0, 0.01, 0.01], rtol=1e-5)
+
+
 def test_warm_up_rises_linearly_to_the_peak_then_the_schedule_runs_over_the_rest():
   cfg = config_lib.optimizer('sgd', learning_rate=0.4, schedule='cosine', warmup_epochs=2.0)
   rates = _rates(cfg, 100, 10, at=[0, 10, 20, 60, 100])
