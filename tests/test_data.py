@@ -2,6 +2,7 @@
 
 import os
 import tarfile
+import time
 import types
 
 import numpy as np
@@ -263,6 +264,43 @@ def test_class_list_is_the_union_over_splits(tree, cache_dir):
   assert set(train.labels.tolist()) == {1, 2, 3}  # 'ant' keeps index 0 though train has none.
 
 
+def test_class_names_differing_only_in_case_are_refused(tree, cache_dir):
+  os.rename(os.path.join(tree, 'test', 'cat'), os.path.join(tree, 'test', 'Cat'))
+  with pytest.raises(UserError, match='differ only in case \\(Cat / cat\\)'):
+    load_split(tree, 'train', cache_dir=cache_dir)
+
+
+def test_macos_resource_folders_are_no_split_or_class(tree, cache_dir, caplog):
+  for junk in ('__MACOSX/train/cat/._00.png', 'train/__MACOSX/._cat', 'train/cat/__MACOSX/._00.png'):
+    path = os.path.join(tree, junk)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(b'\x00\x05\x16\x07 AppleDouble')  # not an image: on_corrupt='error' would stop on it
+  split = load_split(tree, 'train', cache_dir=cache_dir)
+  assert split.class_names == CLASSES and len(split) == len(CLASSES) * PER_CLASS and split.skipped == 0
+  assert 'has no class folder' not in caplog.text
+
+
+def test_a_class_folder_missing_from_a_split_is_logged(tree, cache_dir, caplog):
+  """Kaggle's unlabelled `test/images` would be a class: the log names it, and where it is missing."""
+  _write(os.path.join(tree, 'test', 'images', '00.png'), np.zeros((8, 8, 3), np.uint8), '.png')
+  with caplog.at_level('WARNING'):
+    load_split(tree, 'train', cache_dir=cache_dir)
+  assert f'{os.path.join(tree, "train")} has no class folder for images' in caplog.text
+
+
+def test_archive_key_changes_with_content_under_a_restored_modification_time(tmp_path):
+  """`cp -p` / `rsync -a` of a rebuilt archive of the same size keep size and mtime; the change time still moves."""
+  path = tmp_path / 'data.tar.gz'
+  path.write_bytes(b'a' * 64)
+  before = archive.archive_key(str(path))
+  stat = os.stat(path)
+  time.sleep(0.05)  # file times tick with the kernel's coarse clock (a few ms)
+  path.write_bytes(b'b' * 64)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.stat(path).st_mtime_ns == stat.st_mtime_ns and archive.archive_key(str(path)) != before
+
+
 def test_corrupt_file(tree, cache_dir):
   bad = os.path.join(tree, 'train', 'dog', 'bad.jpg')
   with open(bad, 'wb') as f:
@@ -380,3 +418,31 @@ def test_compact_copy_loads_with_the_same_layout(tmp_path, cache_dir):
   _write(same_stem, np.zeros((12, 12, 3), np.uint8), '.jpg')
   assert compact.main([str(tmp_path / 'src'), str(tmp_path / 'same-stem.tgz'), '--size', '6']) == 0
   assert len(load_split(str(tmp_path / 'same-stem.tgz'), 'train', cache_dir=cache_dir)) == len(CLASSES) * PER_CLASS + 1
+
+
+def test_compact_copy_keeps_every_class_index(tmp_path, cache_dir):
+  """A class folder whose images are all unreadable, or which is empty, keeps its place in the class list: labels
+  of the copy are those of the source."""
+  source = make_tree(tmp_path / 'src' / 'mydata', size=12)
+  for split in ('train', 'test'):
+    os.makedirs(os.path.join(source, split, 'aardvark'))  # empty: sorts first, so every label would shift
+    os.makedirs(os.path.join(source, split, 'zebra'))
+    with open(os.path.join(source, split, 'zebra', 'broken.jpg'), 'wb') as f:
+      f.write(b'not a jpeg')
+  tar = make_tar(tmp_path / 'src', tmp_path / 'mydata.tar.gz')
+  for src, out in ((source, 'from-folder.tgz'), (tar, 'from-archive.tgz')):
+    out = str(tmp_path / out)
+    assert compact.compact(src, out, size=6) == (2 * len(CLASSES) * PER_CLASS, 2)
+    copy = load_split(out, 'test', cache_dir=cache_dir)
+    assert copy.class_names == ('aardvark',) + CLASSES + ('zebra',)
+    assert sorted(copy.labels.tolist()) == sorted(np.repeat([1, 2, 3], PER_CLASS).tolist())
+
+
+def test_compact_copy_refuses_datasets_labelled_by_files(tmp_path):
+  root = tmp_path / 'tiny-imagenet-200'
+  _write(str(root / 'train' / 'n01' / 'images' / 'n01_0.JPEG'), np.zeros((8, 8, 3), np.uint8), '.jpg')
+  (root / 'wnids.txt').write_text('n01\n')
+  out = str(tmp_path / 'tiny.tgz')
+  with pytest.raises(UserError, match="wnids.txt.*Tiny-ImageNet's layout"):
+    compact.compact(str(root), out, size=4)
+  assert not os.path.exists(out) and not os.path.exists(out + '.partial')

@@ -1,6 +1,7 @@
 """Extracting a `.tar.gz` image tree once into the cache and reusing it.
 
-The extraction folder is keyed by the archive's absolute path, size and modification time, so replacing the archive
+The extraction folder is keyed by the archive's absolute path, size, modification and change times (`archive_key`),
+so replacing the archive
 gives a fresh extraction while an unchanged one is never unpacked twice. Extraction goes through
 `cache.publish` (temporary folder + atomic rename), so an interrupted extraction is never mistaken for a complete one.
 """
@@ -20,9 +21,11 @@ def is_archive(path: str) -> bool:
 
 
 def archive_key(path: str) -> tuple:
-  """What identifies an archive's content cheaply: its absolute path, size and modification time."""
+  """What identifies an archive's content cheaply: its absolute path, size, modification time and change time.
+  The change time is set by the file system on every write and cannot be set back (`cp -p` and `rsync -a` restore
+  the modification time of a rebuilt archive, not this), so new content of the same size is a new key."""
   stat = os.stat(path)
-  return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+  return os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _stem(path: str) -> str:

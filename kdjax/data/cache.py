@@ -19,7 +19,7 @@ from kdjax.data.splits import ArraySplit
 
 DEFAULT_CACHE_DIR = '~/.cache/kdjax'
 # Bumped whenever the decoded format or the decoding itself changes, so old entries are not reused.
-_DECODED_VERSION = 2  # 2: 16-bit images scaled to 8 bits, float images refused
+_DECODED_VERSION = 3  # 2: 16-bit images scaled to 8 bits, float images refused; 3: __MACOSX is no class
 
 
 def cache_root(cache_dir: str | None) -> str:

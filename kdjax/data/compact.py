@@ -6,7 +6,9 @@ SRC is a folder or a `.tar.gz` holding `<split>/<class>/<images>` (under at most
 dropped); OUT holds the same layout under one top folder named after OUT, so `load_split(OUT, ...)` reads it.
 Each image's short side is scaled down to `--size` with Pillow BICUBIC, keeping the aspect ratio (square sources
 come out size x size; smaller images are not enlarged), and re-encoded as JPEG; grayscale stays grayscale.
-An archive is read as a stream, without extracting it.
+An archive is read as a stream, without extracting it. Every class folder is kept, also one whose images are all
+unreadable (or none), so the copy's class list and label indices are the source's; files the loader ignores
+(hidden, `__MACOSX`) are left out; a dataset labelled by files (Tiny-ImageNet's layout) is refused.
 """
 
 import argparse
@@ -20,17 +22,37 @@ import tarfile
 from PIL import Image
 
 from kdjax.data import archive
+from kdjax.data import folder
 from kdjax.data import images
+from kdjax.data import tiny_imagenet
 from kdjax.errors import UserError
 
 _BATCH = 512  # Images held in memory at once between reading and writing.
+_LABEL_FILES = (tiny_imagenet.WNIDS, os.path.basename(tiny_imagenet.ANNOTATIONS))  # labels outside the tree
+
+
+def _hidden(name: str) -> bool:
+  """Parts of a path that the loader ignores too (`folder.py`): hidden ones and macOS's `__MACOSX`."""
+  return any(part.startswith('.') or part in folder.IGNORED_FOLDERS for part in name.split('/'))
+
+
+def _refuse_label_files(name: str) -> None:
+  if posixpath.basename(name) in _LABEL_FILES:
+    raise UserError(f'{name}: this dataset is labelled by files ({", ".join(_LABEL_FILES)}: Tiny-ImageNet\'s'
+                    ' layout), which a compact copy of <split>/<class>/<images> would lose; read it directly'
+                    ' (data.dataset=<its folder or .tar.gz>), it is 64 px already')
 
 
 def _folder_members(root: str):
-  """Yields (relative path, bytes) for every image file under `root`, in sorted order."""
+  """Yields (relative path, bytes) for every image file under `root`, in sorted order, and (folder + '/', None)
+  for every folder, so a class folder without readable images keeps its place in the class list."""
   for parent, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    dirs[:] = sorted(d for d in dirs if not _hidden(d))
+    relative = os.path.relpath(parent, root).replace(os.sep, '/')
+    if relative != '.':
+      yield relative + '/', None
     for name in sorted(files):
+      _refuse_label_files(name)
       if images.is_image_file(name) and not name.startswith('.'):
         path = os.path.join(parent, name)
         with open(path, 'rb') as f:
@@ -38,21 +60,36 @@ def _folder_members(root: str):
 
 
 def _archive_members(path: str):
-  """Yields (member name, bytes) for every image file of a `.tar.gz`, reading it once as a stream."""
+  """Like `_folder_members`, for a `.tar.gz` read once as a stream."""
   with tarfile.open(path, 'r|gz') as tar:
     for member in tar:
       name = posixpath.normpath(member.name).lstrip('/')
-      hidden = any(part.startswith('.') for part in name.split('/'))
-      if member.isfile() and images.is_image_file(name) and not hidden:
-        yield name, tar.extractfile(member).read()
+      if _hidden(name):
+        continue
+      if member.isdir():
+        yield name + '/', None
+      elif member.isfile():
+        _refuse_label_files(name)
+        if images.is_image_file(name):
+          yield name, tar.extractfile(member).read()
 
 
-def _drop_shared_top(names: list[str]) -> list[str]:
-  """Drops leading folders shared by all names while more than <split>/<class>/<file> remains."""
-  parts = [name.split('/') for name in names]
-  while parts and all(len(p) > 3 for p in parts) and len({p[0] for p in parts}) == 1:
-    parts = [p[1:] for p in parts]
-  return ['/'.join(p) for p in parts]
+def _shared_top_depth(names: list[str]) -> int:
+  """How many leading folders all names share while more than <split>/<class>/<file> remains."""
+  parts, depth = [name.split('/') for name in names], 0
+  while parts and all(len(p) > depth + 3 for p in parts) and len({p[depth] for p in parts}) == 1:
+    depth += 1
+  return depth
+
+
+def _class_folders(names: list[str], depth: int) -> list[str]:
+  """Every `<split>/<class>` below the shared top folders, from the folders and the image paths alike."""
+  found = set()
+  for name in names:
+    parts = name.rstrip('/').split('/')[depth:]
+    if len(parts) >= 2 and (len(parts) > 2 or name.endswith('/')):
+      found.add('/'.join(parts[:2]))
+  return sorted(found)
 
 
 def shrink(data: bytes, size: int, quality: int) -> bytes:
@@ -103,6 +140,8 @@ def compact(source: str, out: str, *, size: int, quality: int = 85) -> tuple[int
 
   def convert(member):
     name, data = member
+    if data is None:  # a folder
+      return name, None
     try:
       return name, shrink(data, size, quality)
     except images.DECODE_ERRORS as error:
@@ -111,19 +150,29 @@ def compact(source: str, out: str, *, size: int, quality: int = 85) -> tuple[int
 
   # Shared top folders are known only once every name is seen, so the (small, re-encoded) images are kept in memory
   # until then; the larger source bytes are read one batch at a time.
-  with concurrent.futures.ThreadPoolExecutor() as pool, tarfile.open(partial, 'w:gz', compresslevel=6) as tar:
-    converted = []
-    for batch in _batches(members):
-      converted += [(name, data) for name, data in pool.map(convert, batch)]
-    names = _drop_shared_top([name for name, _ in converted])
-    for name, (_, data) in zip(names, converted):
-      if data is None:
-        skipped += 1
-        continue
-      info = tarfile.TarInfo(f'{top}/{_jpeg_name(name)}')
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-      written += 1
+  try:
+    with concurrent.futures.ThreadPoolExecutor() as pool, tarfile.open(partial, 'w:gz', compresslevel=6) as tar:
+      converted = []
+      for batch in _batches(members):
+        converted += [(name, data) for name, data in pool.map(convert, batch)]
+      files = [(name, data) for name, data in converted if not name.endswith('/')]
+      depth = _shared_top_depth([name for name, _ in files])
+      for name in _class_folders([name for name, _ in converted], depth):
+        info = tarfile.TarInfo(f'{top}/{name}')
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(info)
+      for name, data in files:
+        if data is None:
+          skipped += 1
+          continue
+        info = tarfile.TarInfo(f'{top}/{_jpeg_name("/".join(name.split("/")[depth:]))}')
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        written += 1
+  except BaseException:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
   if not written:
     os.remove(partial)
     raise UserError(f'no readable image files in {source}; check that it holds <split>/<class>/<images>')

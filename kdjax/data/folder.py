@@ -5,7 +5,10 @@ Rules, chosen to match torchvision's ImageFolder where it has one:
 * The class list is the sorted union of the class-folder names over all split folders of the tree, so train and
   test of one tree always agree on label indices, and a class missing from one split keeps its index there.
 * Images are the files with an image extension (case-insensitive) anywhere under a class folder; hidden files and
-  folders are ignored.
+  folders, and macOS archivers' `__MACOSX` folders, are ignored.
+* Class names that differ only in case (`cat` in train, `Cat` in test) are refused: they would be two classes, and
+  every test image of one of them would be scored against a class it was never trained on. A class folder missing
+  from some split is logged, as a stray folder (Kaggle's unlabelled `test/images`) becomes a class that way.
 * Examples are sorted by (class, path) and then shuffled once with a fixed seed (`splits.fixed_order`); decoded
   arrays are stored, and sliced, in that order.
 A dataset with its own download layout is listed by its module instead (`LAYOUTS`: Tiny-ImageNet's
@@ -15,6 +18,7 @@ A dataset with its own download layout is listed by its module instead (`LAYOUTS
 import os
 
 import numpy as np
+from absl import logging
 
 from kdjax.data import archive
 from kdjax.data import cache
@@ -24,9 +28,13 @@ from kdjax.data.splits import ArraySplit, fixed_order
 from kdjax.errors import UserError
 
 
+IGNORED_FOLDERS = ('__MACOSX',)  # resource forks that macOS's zip and Finder add beside every folder
+
+
 def _subfolders(path: str) -> list[str]:
   with os.scandir(path) as entries:
-    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+    return sorted(e.name for e in entries
+                  if e.is_dir() and not e.name.startswith('.') and e.name not in IGNORED_FOLDERS)
 
 
 def find_tree(root: str, split: str) -> str:
@@ -45,10 +53,20 @@ def find_tree(root: str, split: str) -> str:
 
 
 def class_names(tree: str) -> tuple[str, ...]:
-  """The sorted union of class-folder names over every split folder of `tree`."""
-  names = set()
-  for split in _subfolders(tree):
-    names.update(_subfolders(os.path.join(tree, split)))
+  """The sorted union of class-folder names over every split folder of `tree` (see the module's rules)."""
+  by_split = {split: set(_subfolders(os.path.join(tree, split))) for split in _subfolders(tree)}
+  names = set().union(*by_split.values())
+  by_case = {}
+  for name in sorted(names):
+    by_case.setdefault(name.lower(), []).append(name)
+  clashes = [' / '.join(group) for group in by_case.values() if len(group) > 1]
+  if clashes:
+    raise UserError(f'class folders in {tree} differ only in case ({"; ".join(clashes)}), so they would be separate'
+                    ' classes; rename them to one spelling in every split')
+  for split, present in by_split.items():
+    if present and names - present:
+      logging.warning('split folder %s has no class folder for %s; if a folder of another split is not a class,'
+                      ' move it out of %s', os.path.join(tree, split), ', '.join(sorted(names - present)), tree)
   return tuple(sorted(names))
 
 
