@@ -3,7 +3,8 @@
 Command: `python main.py --config configs/imagenette_student.py --workdir workdirs/imagenette_student`
 Same data, image size, total epoch budget (40) and optimizer as `imagenette_stagewise.py` (see `student_optimizer`).
 Arguments (comma-separated): `small` (resnet34_small), `smallest` (plain34_smallest), `subset` (train on
-train[:25%], report the held-out train[25%:] as well), `published` (the published comparison's Adam 1e-4,
+train[:25%], report the held-out train[25%:] as well; the same quarter for every seed, so a repeat's ± std is over
+initialisations and batch orders, not over subsets), `published` (the published comparison's Adam 1e-4,
 constant), `repeats` (seeds 0,1,2 -> results.md), `smoke`.
 """
 from kdjax.config import base_config, config_args, loss_term, optimizer, phase

@@ -4,7 +4,8 @@ Command: `python main.py --config configs/imagenette_teacher.py --workdir workdi
 Data: `../shared/data/imagenette2-224.tar.gz` (real Imagenette2, 9,469 train / 3,925 val at 224 px), resized to
 `data.image_size` when decoded (128 here; 224 works too), or a compact copy made with
 `python -m kdjax.data.compact ../shared/data/imagenette2-224.tar.gz carry/imagenette2-128.tar.gz --size 128`.
-Recipe: random-resized crops + flips, label smoothing 0.1, SGD + Nesterov with a one-cycle schedule, bf16, batch 256,
+Recipe: random-resized crops + flips (cut from the image already resized to 128 px at decode, so a small crop is
+blurrier than torchvision's crop of the full-size file; the data stays on the device), label smoothing 0.1, SGD + Nesterov with a one-cycle schedule, bf16, batch 256,
 80 epochs. Target: >= 92% validation top-1 (the issue's bar for a useful from-scratch teacher). Not yet measured:
 this needs a GPU session. `get_config('smoke')` runs a few steps at 64 px on a CPU.
 """
