@@ -36,7 +36,11 @@ def _collection_class(names: tuple[str, ...]) -> type[metrics.Collection]:
 def classification_outputs(logits, labels, teacher_logits=None) -> dict[str, jax.Array]:
   outputs = {'top1': top_k_correct(logits, labels, 1), 'top5': top_k_correct(logits, labels, 5)}
   if teacher_logits is not None:
-    outputs['agreement'] = (jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+    # argmax of a NaN row is 0: a diverged student would "agree" wherever the teacher predicts class 0. A row with
+    # a NaN on either side never agrees, as top_k_correct never counts it right.
+    finite = ~jnp.isnan(logits).any(-1) & ~jnp.isnan(teacher_logits).any(-1)
+    same = jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
+    outputs['agreement'] = (same & finite).astype(jnp.float32)
   return outputs
 
 

@@ -88,6 +88,11 @@ def save_results(workdir: str, markdown: str, data: dict, csv_rows: list[dict] |
       writer.writerows(csv_rows)
 
 
+# The loss curves are two different quantities: the training objective (every weighted term, KD's included) and
+# the plain cross-entropy on the evaluation labels.
+PLOT_LABELS = {'train/loss': 'train objective (weighted terms)', 'eval/loss': 'eval cross-entropy'}
+
+
 class History:
   """Every logged scalar of a run, by step, in `history.json`; cut back to the resumed step on restart."""
 
@@ -138,12 +143,18 @@ class History:
       for split in ('train', 'eval'):
         for key in keys:
           steps, values = self.series(f'{split}/{key}')
-          if steps:
-            ax.plot(steps, values, label=f'{split} {key}', marker='.' if split == 'eval' else None)
+          if not steps:
+            continue
+          label = PLOT_LABELS.get(f'{split}/{key}', f'{split} {key}')
+          if not any(math.isfinite(v) for v in values):
+            label += ' (no finite value)'  # a diverged run: nothing to draw, but the legend says why
+          # Eval points, and a series of one point, get markers: a line of one point draws nothing.
+          ax.plot(steps, values, label=label, marker='.' if split == 'eval' or len(steps) == 1 else None)
       ax.set_xlabel('step')
       ax.set_ylabel(name)
       ax.grid(alpha=0.3)
-      ax.legend()
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend()
       path = os.path.join(os.path.dirname(self.path), f'{name}.png')
       fig.savefig(path, dpi=100, bbox_inches='tight')
       plt.close(fig)

@@ -177,7 +177,8 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
     extra, diverged = confirmed['confirmation'], _diverged(confirmed['confirmation'])
     results['confirmation'] = dict(cell=confirmed['cell'], seeds=len(extra), diverged=diverged, best_mean=None,
                                    best_std=None, last_mean=None, last_std=None)
-    intro = f'{confirmed["cell"]} won on the grid\'s seeds; on {len(extra)} further seed(s) alone it'
+    intro = (f'{confirmed["cell"]} won on the grid\'s seeds (its row pools those with the further seeds, so another'
+             f' row may show a higher mean); on {len(extra)} further seed(s) alone it')
     if diverged:
       lines += ['', f'{intro} diverged on {diverged} of them.']
     else:

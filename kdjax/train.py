@@ -407,7 +407,7 @@ def _finish(run: Run, state, book: Bookkeeping, wall_s: float, keep_timings: boo
                    epochs_to_target=reached and round(reached['step'] / run.plan.steps_per_epoch, 3))
   if run.data.heldout is not None:
     summary['heldout_top1'] = run.evaluate(state, run.data.heldout)['top1']
-  book.writer.flush()
+  book.writer.close()  # flushes; a sweep's runs would otherwise each keep a writer thread and an open file
   book.history.save()
   if jax.process_index() == 0:
     book.history.plot()

@@ -5,6 +5,7 @@ and many users, have no TensorFlow, so the same scalars go to TensorBoard event 
 package's own event-file writer, and to the console through absl logging. `tensorboard --logdir WORKDIR` shows
 either.
 """
+import functools
 import importlib.util
 import json
 import os
@@ -15,8 +16,19 @@ import jax
 from absl import logging
 
 
-def tensorflow_available() -> bool:
-  return importlib.util.find_spec('tensorflow') is not None
+@functools.lru_cache(maxsize=None)
+def clu_writers_available() -> bool:
+  """Whether CLU's writers import: TensorFlow must be installed and import cleanly (one built for another NumPy
+  or CUDA is installed but fails to import; the TF-free writer serves then)."""
+  if importlib.util.find_spec('tensorflow') is None:
+    return False
+  try:
+    from clu import metric_writers, periodic_actions  # noqa: F401  (both import TensorFlow)
+  except Exception as error:  # a broken TF raises ImportError, or anything at all from its native libraries
+    logging.warning('TensorFlow is installed but CLU\'s writers do not import (%s: %s); writing TensorBoard events'
+                    ' without it', type(error).__name__, error)
+    return False
+  return True
 
 
 class EventFileWriter:
@@ -70,12 +82,12 @@ class MultiWriter:
 
 
 def create_writer(workdir: str, backend: str = 'auto'):
-  """CLU's default writer (backend 'clu'), the TF-free one ('tensorboard'), or CLU when TF is importable ('auto').
+  """CLU's default writer (backend 'clu'), the TF-free one ('tensorboard'), or CLU where it imports ('auto').
 
   Only process 0 writes event files; other processes log to the console.
   """
   if backend == 'auto':
-    backend = 'clu' if tensorflow_available() else 'tensorboard'
+    backend = 'clu' if clu_writers_available() else 'tensorboard'
   if backend == 'clu':
     from clu import metric_writers
     return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -108,7 +120,7 @@ class ProgressReporter:
 
 def create_progress(num_train_steps: int, writer, every_steps: int, backend: str = 'auto'):
   if backend == 'auto':
-    backend = 'clu' if tensorflow_available() else 'tensorboard'
+    backend = 'clu' if clu_writers_available() else 'tensorboard'
   if backend == 'clu':
     from clu import periodic_actions
     return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,

@@ -26,3 +26,11 @@ def test_constant_logits_score_as_argmax_does_not_100_percent():
 def test_a_row_with_nan_logits_is_never_right():
   logits = jnp.asarray([[jnp.nan, 0.0, 0.0], [0.0, jnp.nan, 1.0], [0.0, 1.0, 0.0]])
   np.testing.assert_array_equal(metrics.top_k_correct(logits, jnp.asarray([0, 2, 1]), 1), [0, 0, 1])
+
+
+def test_agreement_counts_argmax_matches_and_never_a_nan_row():
+  """argmax of a NaN row is 0: a diverged student must not "agree" wherever the teacher predicts class 0."""
+  student = jnp.asarray([[2.0, 1.0, 0.0], [jnp.nan, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  teacher = jnp.asarray([[5.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [jnp.nan, 0.0, 0.0]])
+  outputs = metrics.classification_outputs(student, jnp.asarray([0, 0, 1, 0]), teacher)
+  np.testing.assert_array_equal(outputs['agreement'], [1, 0, 0, 0])

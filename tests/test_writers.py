@@ -1,9 +1,15 @@
 """Both metric-writer paths write TensorBoard scalars that TensorBoard's own reader reads back."""
+import os
+import subprocess
+import sys
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
 from kdjax import writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_scalars(logdir):
@@ -41,3 +47,19 @@ def test_clu_writer_when_tensorflow_is_present(tmp_path):
   scalars = _read_scalars(str(tmp_path))
   assert [step for step, _ in scalars['train/loss']] == [1, 2]
   assert scalars['train/loss'][1][1] == pytest.approx(1.5)
+
+
+def test_a_tensorflow_that_fails_to_import_falls_back_to_the_tensorflow_free_writer(tmp_path):
+  """A TF built for another NumPy or CUDA is installed (find_spec sees it) but raises on import. In a subprocess:
+  TensorBoard caches a failed TF import for the rest of the process."""
+  broken = tmp_path / 'site' / 'tensorflow'
+  broken.mkdir(parents=True)
+  (broken / '__init__.py').write_text('raise ImportError("built against another NumPy")\n')
+  script = ('import sys; from kdjax import writers; from tests import test_writers; '
+            'assert not writers.clu_writers_available(); test_writers._write("auto", sys.argv[1])')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), ROOT]))
+  done = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'logs')], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "TensorFlow is installed but CLU's writers do not import" in done.stderr
+  assert _read_scalars(str(tmp_path / 'logs'))['train/loss'] == [(1, 2.5), (2, 1.5)]
