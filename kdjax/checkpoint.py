@@ -54,7 +54,8 @@ class Checkpoints:
       self.latest.save(step, args=args)
 
   def restore_latest(self, abstract_for_meta: Callable[[dict], Any]) -> tuple[Any, dict] | None:
-    """The newest checkpoint that restores, else the one before, and so on; None when the workdir has none.
+    """The newest checkpoint that restores, else the one before, and so on; with no checkpoints/, the best one
+    (`_restore_best`); None when the workdir has neither.
 
     `abstract_for_meta(meta)` gives the target structure (it depends on the phase the checkpoint was taken in).
     Checkpoints newer than the one that restores (torn by a kill, corrupted on disk) are moved to
@@ -65,13 +66,7 @@ class Checkpoints:
     """
     failed = []
     for step in sorted(self.latest.all_steps(), reverse=True):
-      try:
-        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore()))
-        error = None
-      except Exception as failure:  # pylint: disable=broad-except
-        restored, error = None, failure
+      restored, error = _restore(self.latest, step, abstract_for_meta)
       if _everywhere(error is None):
         for bad_step, bad_error in failed:
           self._move_aside(bad_step, bad_error)
@@ -83,11 +78,24 @@ class Checkpoints:
           f'none of the {len(failed)} checkpoints in {self.latest.directory} restores (newest, step {step}: '
           f'{type(error).__name__}: {str(error)[:300]}); they were kept. If this workdir belongs to another config '
           'or kdjax version, pass a new --workdir; to start over here, move checkpoints/ and best/ away')
-    best = self.best.latest_step()
-    if best is not None:
-      raise UserError(f'{self._workdir} has a best checkpoint (step {best}) but no checkpoints/ to resume from, '
-                      'so a fresh run could not replace it; pass a new --workdir, or move best/ away to start over')
-    return None
+    return self._restore_best(abstract_for_meta)
+
+  def _restore_best(self, abstract_for_meta):
+    """With no checkpoints/, the best checkpoint is where the run resumes: a kill during the run's first save
+    leaves just that one (the best copy is finished first, see `save`), and it is a whole train state with its meta,
+    the very one the latest copy would have held. Resuming is exact, so a run whose checkpoints/ was deleted by hand
+    also ends as it would have. Unreadable, it is kept and the run refused, as a fresh run could not replace it."""
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    restored, error = _restore(self.best, step, abstract_for_meta)
+    if not _everywhere(error is None):
+      raise UserError(f'{self._workdir} has a best checkpoint (step {step}) that does not restore '
+                      f'({type(error).__name__}: {str(error)[:300]}) and no checkpoints/ to resume from, so a fresh '
+                      'run could not replace it; pass a new --workdir, or move best/ away to start over')
+    logging.warning('%s has no checkpoints/ (a kill during the first save, or deleted): resuming from the best '
+                    'checkpoint, step %d', self._workdir, step)
+    return restored.state, restored.meta
 
   def _move_aside(self, step: int, error: Exception | None) -> None:
     """Move checkpoint `step` to corrupt_checkpoints/: process 0 moves it, every process waits for the move and
@@ -111,6 +119,16 @@ class Checkpoints:
     self.best.wait_until_finished()
     self.latest.close()
     self.best.close()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_for_meta) -> tuple[Any, Exception | None]:
+  """(restored state and meta, None), or (None, the error) for a checkpoint that does not restore."""
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore())), None
+  except Exception as failure:  # pylint: disable=broad-except
+    return None, failure
 
 
 def _everywhere(ok: bool) -> bool:

@@ -149,13 +149,53 @@ def test_a_workdir_whose_checkpoints_all_fail_stops_and_keeps_them(tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'corrupt_checkpoints'))
 
 
-def test_a_best_checkpoint_without_checkpoints_is_not_overwritten_by_a_fresh_run(tmp_path):
+def test_without_checkpoints_the_run_resumes_from_its_best_checkpoint(tmp_path, caplog):
+  """checkpoints/ deleted by hand: the best checkpoint is a whole train state, and resuming is exact."""
+  cfg, workdir, first, ckpt_dir, _ = _checkpointed_run(tmp_path)
+  reference = final_variables(workdir)
+  best_step = int(os.listdir(os.path.join(workdir, 'best'))[0])
+  shutil.rmtree(ckpt_dir)
+  with caplog.at_level('WARNING'):
+    second = train.train_and_evaluate(cfg, workdir)
+  assert f'resuming from the best checkpoint, step {best_step}' in caplog.text
+  assert second['eval_top1'] == first['eval_top1'] and os.listdir(os.path.join(workdir, 'best')) == [str(best_step)]
+  if best_step < reference['step']:  # it trained on from the best step to the end: the same end
+    for key, value in final_variables(workdir).items():
+      np.testing.assert_array_equal(value, reference[key], err_msg=key)
+
+
+def test_a_kill_during_the_first_save_leaves_a_resumable_workdir(tmp_path, monkeypatch):
+  """The best copy is finished before the latest one starts: a kill between them leaves best/ alone."""
+  cfg = tiny.get_config('ce')
+  reference_dir = str(tmp_path / 'reference')
+  train.train_and_evaluate(cfg, reference_dir)
+  save = ocp.CheckpointManager.save
+
+  def killed_before_the_latest_save(manager, step, *args, **kwargs):
+    if os.path.basename(str(manager.directory)) == 'checkpoints':
+      raise KeyboardInterrupt
+    return save(manager, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', killed_before_the_latest_save)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(cfg, workdir)
+  assert os.listdir(os.path.join(workdir, 'best')) and not any(
+      name.isdigit() for name in os.listdir(os.path.join(workdir, 'checkpoints')))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  train.train_and_evaluate(cfg, workdir)
+  expected = final_variables(reference_dir)
+  for key, value in final_variables(workdir).items():
+    np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+def test_an_unreadable_best_checkpoint_without_checkpoints_is_kept_and_refused(tmp_path):
   cfg, workdir, _, ckpt_dir, _ = _checkpointed_run(tmp_path)
   shutil.rmtree(ckpt_dir)
-  best_before = os.listdir(os.path.join(workdir, 'best'))
-  with pytest.raises(UserError, match='best checkpoint .* no checkpoints/'):
+  best_step = os.listdir(os.path.join(workdir, 'best'))[0]
+  _truncate(os.path.join(workdir, 'best', best_step))
+  with pytest.raises(UserError, match=f'best checkpoint \\(step {best_step}\\) that does not restore'):
     train.train_and_evaluate(cfg, workdir)
-  assert os.listdir(os.path.join(workdir, 'best')) == best_before
+  assert os.listdir(os.path.join(workdir, 'best')) == [best_step]
 
 
 def test_the_same_step_torn_twice_keeps_both_copies(tmp_path):
