@@ -2,7 +2,7 @@
 import dataclasses
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +17,9 @@ from flax import nnx
 
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config as config_lib
+from kdjax import export
 from kdjax import objective as objective_lib
+from kdjax import report
 from kdjax import state as state_lib
 from kdjax import steps
 from kdjax import train
@@ -99,24 +101,31 @@ def test_run_on_8_devices_matches_1_device(tmp_path):
 def _kill_and_resume(config_arg, workdir, kill_from_steps, extra=()):
   """Start the run and SIGKILL it right after the first new checkpoint at or past each of `kill_from_steps`
   (plus a random 0-0.3 s), restarting it each time with the same command; then let it finish."""
-  args = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', config_arg, '--workdir', workdir, *extra]
+  args = ('--config', config_arg, '--workdir', workdir, *extra)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   killed_at = []
-  for target in kill_from_steps:
+  for attempt, target in enumerate(kill_from_steps):
     seen = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-      now = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
-      new = {d for d in now - seen if d.isdigit() and int(d) >= target}
-      if new:
-        time.sleep(np.random.default_rng(len(killed_at)).uniform(0.0, 0.3))
-        proc.send_signal(signal.SIGKILL)
-        killed_at.append(max(int(d) for d in new))
-        break
-      time.sleep(0.02)
-    proc.wait()
-  subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    log = os.path.join(os.path.dirname(workdir), f'attempt{attempt}.log')
+    with open(log, 'w') as stderr:
+      proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), *args], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=stderr)
+      deadline = time.time() + 240
+      while time.time() < deadline and proc.poll() is None:
+        now = set(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else set()
+        new = {d for d in now - seen if d.isdigit() and int(d) >= target}
+        if new:
+          time.sleep(np.random.default_rng(len(killed_at)).uniform(0.0, 0.3))
+          killed_at.append(max(int(d) for d in new))
+          break
+        time.sleep(0.02)
+      proc.kill()  # also when the deadline passed or the run ended first: the assertions below say which
+      proc.wait(timeout=60)
+    if attempt:  # a restart resumed (it did not start over, which a deterministic run would hide)
+      with open(log) as f:
+        assert re.search(r'resumed from step [1-9]', f.read()), f'attempt {attempt} did not resume; see {log}'
+  final = run_main(*args, check=True)
+  assert re.search(r'resumed from step [1-9]', final.stderr), final.stderr[-3000:]
   return killed_at
 
 
@@ -275,11 +284,21 @@ def test_a_phase_trains_only_its_own_adapters(tmp_path, teacher_workdir):
 
 
 def test_kd_run_reports_agreement_with_its_teacher(tmp_path, teacher_workdir):
+  """eval/agreement is the share of eval examples where the student's and the teacher's top classes agree: here
+  computed again from both runs' best checkpoints (Predictor) on the eval split."""
   cfg = tiny.get_config('kd')
   cfg.teacher.workdir = teacher_workdir
-  summary = train.train_and_evaluate(cfg, str(tmp_path / 'kd'))
-  assert 0.0 <= summary['eval_agreement'] <= 1.0
+  workdir = str(tmp_path / 'kd')
+  summary = train.train_and_evaluate(cfg, workdir)
   assert summary['eval_agreement'] > 0.3
+  best_step = int(os.listdir(os.path.join(workdir, 'best'))[0])
+  logged = [row for row in report.History(workdir, upto_step=best_step).rows
+            if row['step'] == best_step and 'eval/agreement' in row][0]['eval/agreement']
+  split = sources.load_split('digits', cfg.data.eval_split)
+  student, teacher = export.Predictor.load(workdir), export.Predictor.load(teacher_workdir)
+  agree = np.mean(student.predict_logits(split.images).argmax(-1) == teacher.predict_logits(split.images).argmax(-1))
+  assert abs(logged - agree) <= 1.5 / len(split.labels), (logged, agree)  # one example may flip on rounding
+  assert agree < 1.0  # the sabotage "student == teacher" would read 1.0
 
 
 def test_crd_run_keeps_its_memory_banks_in_the_checkpointed_state(tmp_path, teacher_workdir):
@@ -299,9 +318,13 @@ def test_crd_run_keeps_its_memory_banks_in_the_checkpointed_state(tmp_path, teac
     assert moved.mean() > 0.9, moved.mean()  # 4 epochs: nearly every example's row was written
 
 
-def test_finished_run_is_not_retrained(tmp_path):
+def test_finished_run_is_not_retrained(tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   first = train.train_and_evaluate(tiny.get_config('ce'), workdir)
+
+  def no_training(*args):
+    raise AssertionError('a finished run trained again')
+  monkeypatch.setattr(train, 'train_phase', no_training)  # training from step 0 would give the same summary
   second = train.train_and_evaluate(tiny.get_config('ce'), workdir)
   assert second['steps'] == first['steps']
   assert second['eval_top1'] == first['eval_top1']
