@@ -182,6 +182,8 @@ def _train_modes(student, trained_params, ph) -> tuple[bool, ...] | None:
 def build_run(cfg, workdir: str) -> Run:
   """Validate, load the data and the teacher, create (or initialise from `init.workdir`) the student."""
   mesh = mesh_lib.make_data_mesh()
+  logging.info('data-parallel over %d %s device(s) in %d process(es)', jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
   config_lib.validate(cfg, jax.device_count())
   _check_workdir(cfg, workdir)
   data = _normalized_as_init(cfg, run_data.load(cfg.data, mesh))

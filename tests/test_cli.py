@@ -177,7 +177,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
   while not (workdir / 'checkpoints').exists() and time.time() < deadline:
     time.sleep(0.1)
   proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=120)
+  try:
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()  # a no-op once it has exited; a 200-epoch run must not outlive a failed test
   assert proc.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
   assert stderr.strip().splitlines()[-1] == (
       f'interrupted; the same command resumes from the latest checkpoint in {workdir}')

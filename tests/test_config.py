@@ -126,3 +126,24 @@ def test_only_the_scheduled_phases_decide_whether_a_teacher_is_needed():
   cfg.schedule = ('classifier',)
   assert not config_lib.uses_teacher(cfg)
   config_lib.validate(cfg)
+
+
+def test_the_default_demo_is_a_ce_teacher_a_ce_student_and_a_kd_student_of_it():
+  """README's first command (`python main.py`, suite kd_comparison): what each of its three runs trains."""
+  import runpy
+  from kdjax import suites
+  cfg = runpy.run_path('configs/default.py')['get_config']()
+  runs = suites.kd_comparison_configs(cfg, '/work/demo')
+  assert list(runs) == ['teacher', 'student_ce', 'student_kd']
+  teacher, ce, kd = runs.values()
+  assert teacher.student.name == cfg.teacher.name and not teacher.teacher.workdir
+  assert [dict(teacher.phases[p].losses) for p in teacher.schedule] == [{'ce': config_lib.loss_term('ce')}]
+  assert teacher.phases[teacher.schedule[0]].epochs == cfg.teacher.epochs
+  assert ce.student.name == kd.student.name == cfg.student.name and not ce.teacher.workdir
+  assert all(set(ce.phases[p].losses) == {'ce'} for p in ce.schedule)
+  assert kd.teacher.workdir == '/work/demo/teacher'
+  assert [set(kd.phases[p].losses) for p in kd.schedule] == [set(cfg.phases[p].losses) for p in cfg.schedule]
+  assert any('kd' in kd.phases[p].losses for p in kd.schedule)
+  for run in runs.values():
+    config_lib.validate(run, 1)
+    assert run.suite == 'single'

@@ -446,3 +446,12 @@ def test_compact_copy_refuses_datasets_labelled_by_files(tmp_path):
   with pytest.raises(UserError, match="wnids.txt.*Tiny-ImageNet's layout"):
     compact.compact(str(root), out, size=4)
   assert not os.path.exists(out) and not os.path.exists(out + '.partial')
+
+
+def test_each_epoch_visits_every_example_once_in_its_own_order():
+  from kdjax.data import loader
+  orders = {(seed, epoch): loader.epoch_permutation(seed, epoch, 50) for seed in (0, 1) for epoch in (0, 1, 2)}
+  for order in orders.values():
+    assert sorted(order.tolist()) == list(range(50))
+  assert len({tuple(order) for order in orders.values()}) == len(orders)  # per epoch and per seed
+  np.testing.assert_array_equal(loader.epoch_permutation(1, 2, 50), orders[1, 2])  # and reproducible

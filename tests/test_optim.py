@@ -31,3 +31,41 @@ def test_warm_up_rises_linearly_to_the_peak_then_the_schedule_runs_over_the_rest
   cfg = config_lib.optimizer('sgd', learning_rate=0.4, schedule='cosine', warmup_epochs=2.0)
   rates = _rates(cfg, 100, 10, at=[0, 10, 20, 60, 100])
   np.testing.assert_allclose(rates, [0.0, 0.2, 0.4, 0.2, 0.0], atol=1e-6)
+
+
+def _one_update(cfg, grads, params):
+  tx = optim.make_optimizer(cfg, total_steps=10, steps_per_epoch=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_the_rule():
+  """SGD without momentum at lr 1: the update is minus the clipped gradient, whose global norm (3-4-0 -> 5) is 1."""
+  cfg = config_lib.optimizer('sgd', learning_rate=1.0, schedule='constant', momentum=0.0, grad_clip_norm=1.0)
+  grads = {'a': np.array([3.0, 0.0]), 'b': np.array([4.0])}
+  updates = _one_update(cfg, grads, {'a': np.zeros(2), 'b': np.zeros(1)})
+  np.testing.assert_allclose(updates['a'], [-0.6, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(updates['b'], [-0.8], rtol=1e-6)
+  cfg.grad_clip_norm = 10.0  # under the limit: untouched
+  np.testing.assert_allclose(_one_update(cfg, grads, {'a': np.zeros(2), 'b': np.zeros(1)})['b'], [-4.0], rtol=1e-6)
+
+
+def test_weight_decay_is_l2_for_sgd_and_adam_and_decoupled_for_adamw():
+  """A zero gradient and weight 1, lr 0.1, decay 0.5: L2 adds 0.5 to the gradient (Adam then normalises it to a
+  step of ~lr), AdamW subtracts lr * decay * weight."""
+  params, grads = {'w': np.ones(1)}, {'w': np.zeros(1)}
+  sgd = config_lib.optimizer('sgd', learning_rate=0.1, schedule='constant', momentum=0.0, weight_decay=0.5)
+  np.testing.assert_allclose(_one_update(sgd, grads, params)['w'], [-0.05], rtol=1e-6)
+  adam = config_lib.optimizer('adam', learning_rate=0.1, schedule='constant', weight_decay=0.5)
+  np.testing.assert_allclose(_one_update(adam, grads, params)['w'], [-0.1], rtol=1e-4)
+  adamw = config_lib.optimizer('adamw', learning_rate=0.1, schedule='constant', weight_decay=0.5)
+  np.testing.assert_allclose(_one_update(adamw, grads, params)['w'], [-0.05], rtol=1e-6)
+
+
+def test_linear_and_onecycle_schedules_over_the_phase():
+  linear = config_lib.optimizer('sgd', learning_rate=0.4, schedule='linear')
+  np.testing.assert_allclose(_rates(linear, 100, 10, at=[0, 50, 100]), [0.4, 0.2, 0.0], atol=1e-6)
+  onecycle = config_lib.optimizer('sgd', learning_rate=0.4, schedule='onecycle')
+  rates = _rates(onecycle, 100, 10, at=[0, 30, 100])
+  np.testing.assert_allclose(rates[:2], [0.4 / 25, 0.4], rtol=1e-5)  # starts at peak/25, peaks at 30% (torch's)
+  assert rates[2] < 1e-5

@@ -89,8 +89,9 @@ def test_run_on_8_devices_matches_1_device(tmp_path):
   eight = str(tmp_path / 'eight')
   summary = train.train_and_evaluate(tiny.get_config('ce'), eight)
   one = str(tmp_path / 'one')
-  run_main('--config', f'{TINY}:ce', '--workdir', one,
-           env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}, check=True)
+  done = run_main('--config', f'{TINY}:ce', '--workdir', one,
+                  env={'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}, check=True)
+  assert 'data-parallel over 1 cpu device(s) in 1 process(es)' in done.stderr
   a, b = final_variables(eight), final_variables(one)
   assert a.keys() == b.keys()
   for key in a:
