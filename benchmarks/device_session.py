@@ -6,7 +6,9 @@ as a single call: every step gets a time budget (cut to what is left of `--budge
 not stop the next one, and everything lands in three files under `--out`: session.log (all output), session.json
 (each step's command, exit status, wall time and the JSON its tools wrote) and session.md (a summary with each
 step's results table). Only the standard library is imported at the top: the wheels the GPU machine lacks (clu,
-ml_collections, tfds) are installed by the runner itself before the first step.
+ml_collections, tfds) are installed by the runner itself before the first step. Every plan starts with `preflight`
+(the library versions, then a one-epoch bf16 tiny run that every later step needs), so a version mismatch costs
+seconds of the session, not its minutes.
 
 Here (CPU), before the call:
   python -m benchmarks.device_session PLAN --prepare      # fills the git-ignored carry/, prints the call to make
@@ -132,6 +134,27 @@ def plan_cifar10_kd(args) -> list[Step]:
   ]
 
 
+# Printed first into session.log: the versions the GPU machine ships are not those CI tests (jax 0.11 there).
+VERSIONS = ('import importlib, jax\n'
+            'for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy", "clu", "ml_collections", '
+            '"tensorboard", "PIL", "torch"):\n'
+            '  try:\n'
+            '    print(name, getattr(importlib.import_module(name), "__version__", "?"))\n'
+            '  except ImportError as error:\n'
+            '    print(name, "missing:", error)\n'
+            'print("devices", jax.devices())\n')
+
+
+def preflight(steps: list[Step]) -> list[Step]:
+  """The plan behind two checks that fail in seconds rather than minutes: the library versions, and a one-epoch
+  bf16 run of the tiny test config (build, step, eval, checkpoint, summary); every step of the plan needs it."""
+  smoke = Step('smoke', _main_py('--config', 'tests/tiny_configs/tiny.py:ce', '--workdir',
+                                 os.path.join(RUNS, 'smoke'), '--config.compute_dtype=bfloat16',
+                                 '--config.phases.train.epochs=1'), 90, [os.path.join(RUNS, 'smoke', 'summary.json')])
+  return [Step('versions', [sys.executable, '-c', VERSIONS], 30), smoke,
+          *(dataclasses.replace(step, needs=('smoke', *step.needs)) for step in steps)]
+
+
 PLANS = {'perf': plan_perf, 'imagenette': plan_imagenette, 'cifar10_kd': plan_cifar10_kd}
 # What each plan needs carried, as (destination under carry/, how to make it here).
 CARRIED = {
@@ -174,6 +197,10 @@ def check(steps: list[Step]) -> list[dict]:
   """Each step's flags parse and, for main.py, its config validates (`--mode=check`); nothing runs."""
   rows = []
   for step in steps:
+    if step.argv[1] == '-c':
+      compile(step.argv[2], step.name, 'exec')  # a SyntaxError here, not there
+      rows.append(dict(step=step.name, ok=True, why=''))
+      continue
     if step.argv[1] == 'main.py':
       proc = subprocess.run([*step.argv, '--mode=check'], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, **step.env})
@@ -292,7 +319,7 @@ def parse_args(argv):
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   os.chdir(ROOT)
-  steps = PLANS[args.plan](args)
+  steps = preflight(PLANS[args.plan](args))
   if args.prepare:
     result = prepare(args.plan)
   elif args.check:

@@ -75,5 +75,20 @@ def test_runner_skips_what_the_deadline_leaves_no_time_for(tmp_path):
 @pytest.mark.parametrize('plan', sorted(device_session.PLANS))
 def test_every_plan_step_would_start(plan):
   args = device_session.parse_args([plan])
-  rows = device_session.check(device_session.PLANS[plan](args))
+  steps = device_session.preflight(device_session.PLANS[plan](args))
+  rows = device_session.check(steps)
   assert rows and all(row['ok'] for row in rows), rows
+  assert [s.name for s in steps[:2]] == ['versions', 'smoke'] and all('smoke' in s.needs for s in steps[2:])
+
+
+def test_the_preflight_runs_and_gates_the_plan(tmp_path, monkeypatch):
+  """Here on the CPU: the versions are printed and the one-epoch bf16 tiny run finishes; a plan step that needs it
+  runs after it."""
+  monkeypatch.setattr(device_session, 'RUNS', str(tmp_path / 'runs'))
+  monkeypatch.setattr(device_session, 'CACHE', str(tmp_path / 'cache'))
+  steps = device_session.preflight([device_session.Step('plan_step', _python('print("plan ran")'), 30)])
+  records = device_session.run_plan(steps, str(tmp_path / 'out'), budget_s=300, min_step_s=1)
+  assert [r['status'] for r in records] == ['ok', 'ok', 'ok'], records
+  assert 'jax 0.' in records[0]['tail'] and 'devices' in records[0]['tail']
+  summary = records[1]['results'][str(tmp_path / 'runs' / 'smoke' / 'summary.json')]
+  assert summary['steps'] > 0 and summary['eval_top1'] > 0.1
