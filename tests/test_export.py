@@ -131,6 +131,32 @@ def test_eval_reads_the_runs_own_data_and_refuses_other_classes(tmp_path, teache
   assert 'is not the data the run in' in proc.stderr.strip().splitlines()[-1]
 
 
+def test_eval_takes_the_recorded_cache_dir_only_where_it_exists_here(tmp_path, teacher_workdir):
+  """The record's cache_dir (machine-local) is used when that folder exists on this machine, else the default."""
+  import shutil
+  digits = load_split('digits', 'test[:20]')
+  folder = tmp_path / 'digits_folder'
+  for split in ('train', 'test'):
+    for i, (image, label) in enumerate(zip(digits.images, digits.labels)):
+      (folder / split / digits.class_names[label]).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(image[..., 0]).save(folder / split / digits.class_names[label] / f'{i}.png')
+    for name in digits.class_names:  # every class folder, as the run's 10 classes
+      (folder / split / name).mkdir(parents=True, exist_ok=True)
+  for exists in (True, False):
+    run, cache = tmp_path / f'run_{exists}', tmp_path / f'recorded_cache_{exists}'
+    shutil.copytree(teacher_workdir, run)
+    if exists:
+      cache.mkdir()
+    record = json.load(open(run / 'config.json'))
+    record['data'].update(dataset=str(folder), eval_split='test', cache_dir=str(cache))
+    json.dump(record, open(run / 'config.json', 'w'))
+    home = tmp_path / f'home_{exists}'
+    proc = run_main('--workdir', str(run), '--mode=eval', env={'HOME': str(home)}, check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])['eval']['examples'] == 20
+    assert os.path.isdir(cache / 'decoded') == exists  # decoded into the recorded folder where it exists...
+    assert os.path.isdir(home / '.cache' / 'kdjax' / 'decoded') != exists  # ...else into the default one
+
+
 def test_a_gray_split_is_evaluated_by_an_rgb_run_as_training_fed_it():
   from kdjax import run_data
   gray = load_split('digits', 'test[:4]')
