@@ -87,7 +87,7 @@ def plan_perf(args) -> list[Step]:
       Step('max_batch', _module('max_batch', '--teacher', 'resnet34', '--student', 'resnet34_medium',
                                 '--image-size', '224', '--peer', PEER, '--peer-start', '256', '--tolerance', '0.1',
                                 '--json', os.path.join(RUNS, 'max_batch.json')),
-           120, [os.path.join(RUNS, 'max_batch.json')], env={'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.95'}),
+           240, [os.path.join(RUNS, 'max_batch.json')], env={'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.95'}),  # the rest
   ]
 
 

@@ -25,6 +25,7 @@ bisect until the gap is within `--tolerance`; batches are multiples of `--multip
   python -m benchmarks.max_batch --teacher resnet34 --student resnet34_medium --image-size 224 --json max_batch.json
 """
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -146,7 +147,8 @@ def parse_kd(spec: str) -> tuple[float, float]:
 def _is_out_of_memory(error: Exception) -> bool:
   """XLA's RESOURCE_EXHAUSTED, or an allocation failure as CUDA, cuDNN or cuBLAS word it."""
   text = str(error)
-  return any(sign in text for sign in ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory', 'ALLOC_FAILED'))
+  return any(sign in text for sign in ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory', 'ALLOC_FAILED',
+                                        'Failed to allocate', 'failed to allocate'))
 
 
 def kdjax_side(args) -> dict:
@@ -258,6 +260,10 @@ def peer_child(args) -> dict:
   labels = torch.randint(0, args.num_classes, (args.num_examples,), device=device)
   mean, std = peer.MEAN.to(device), peer.STD.to(device)
 
+  # The dtype kdjax's side computes in: bf16 autocast, or float32 throughout.
+  autocast = ((lambda: torch.autocast(device, torch.bfloat16)) if args.dtype == 'bfloat16'
+              else contextlib.nullcontext)
+
   def fits(batch):
     try:
       for _ in range(2):
@@ -266,7 +272,7 @@ def peer_child(args) -> dict:
         xb = ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
         if not args.peer_no_compile:  # one compiled graph for every batch size, not a recompile per probe
           torch._dynamo.mark_dynamic(xb, 0)
-        with torch.autocast(device, torch.bfloat16):
+        with autocast():
           out = student(xb)
           with torch.no_grad():
             target = teacher(xb)

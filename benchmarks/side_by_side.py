@@ -80,11 +80,11 @@ def cuda_torch() -> bool:
 
 def peer_skip_reason(args) -> str:
   """'' if the peer can run these settings, else why not (`--force-peer` overrides the checks it can)."""
-  whole = all(float(e).is_integer() and e >= 1 for e in (args.epochs_teacher, args.epochs_student))
+  whole = all(float(e).is_integer() and e >= 2 for e in (args.epochs_teacher, args.epochs_student))
   required = [
       (args.skip_peer, '--skip-peer'),
       (not os.path.exists(args.peer), f'peer script {args.peer} not found'),
-      (not whole, 'the peer takes whole epochs (>= 1; its images/s needs >= 2)'),
+      (not whole, 'the peer takes whole epochs, at least 2 (it times every epoch after the first)'),
   ]
   expected = [
       (lambda: importlib.util.find_spec('torch') is None, 'torch is not installed'),

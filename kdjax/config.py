@@ -26,6 +26,7 @@ def optimizer(name='sgd', learning_rate=0.1, **overrides) -> ml_collections.Conf
       nesterov=False,          # sgd only
       weight_decay=0.0,        # sgd, adam: L2 added to the gradient (as torch's); adamw: decoupled decay
       schedule='cosine',       # constant | cosine | linear | onecycle (lr only; momentum fixed) | piecewise
+      pct_start=0.3,           # onecycle: the share of steps rising to the peak (torch OneCycleLR's default)
       warmup_epochs=0.0,       # linear warm-up from 0 before the schedule
       boundaries_epochs=(),    # piecewise: epochs at which the rate is multiplied by decay_factor
       decay_factor=0.1,        # piecewise only
@@ -274,6 +275,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'phases.*.optimizer.weight_decay': (_at_least(0), '>= 0'),
     'phases.*.optimizer.warmup_epochs': (_at_least(0), '>= 0'),
     'phases.*.optimizer.decay_factor': (_at_least(0, strict=True), '> 0'),
+    'phases.*.optimizer.pct_start': (lambda v: 0 < v < 1, 'in (0, 1)'),
     'phases.*.optimizer.grad_clip_norm': (_at_least(0), '>= 0'),
 }
 

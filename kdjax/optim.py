@@ -17,7 +17,7 @@ def _linear(peak, steps, steps_per_epoch, cfg):
 
 
 def _onecycle(peak, steps, steps_per_epoch, cfg):
-  return optax.cosine_onecycle_schedule(transition_steps=max(steps, 1), peak_value=peak)
+  return optax.cosine_onecycle_schedule(transition_steps=max(steps, 1), peak_value=peak, pct_start=cfg.pct_start)
 
 
 def _piecewise(peak, steps, steps_per_epoch, cfg):

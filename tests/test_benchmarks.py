@@ -108,7 +108,7 @@ def test_side_by_side_compares_kdjax_with_the_peer(tiny_archive, tmp_path):
   peer.write_text(FAKE_PEER)
   out = tmp_path / 'side_by_side.json'
   side_by_side.main(['--data', tiny_archive, '--peer', str(peer), '--force-peer', *TINY_MODELS, '--batch', '16',
-                     '--epochs-teacher', '1', '--epochs-student', '1', '--kd', '0.5:4:0.05',
+                     '--epochs-teacher', '2', '--epochs-student', '2', '--kd', '0.5:4:0.05',
                      '--cache-dir', str(tmp_path / 'cache'), '--workdir', str(tmp_path / 'runs'),
                      '--json', str(out)])
   report = _read(out)
@@ -117,7 +117,7 @@ def test_side_by_side_compares_kdjax_with_the_peer(tiny_archive, tmp_path):
   assert peer_args[peer_args.index('--batch') + 1] == '16' and peer_args[peer_args.index('--kd') + 1] == '0.5:4:0.05'
   for name in ('teacher', 'student_ce', 'student_kd'):
     summary, row = report['kdjax'][name], report['phases'][name]
-    assert summary['steps'] == 4 and 0 <= summary['eval_top1'] <= 1
+    assert summary['steps'] == 8 and 0 <= summary['eval_top1'] <= 1
     for key in ('kdjax_images_per_s', 'peer_images_per_s', 'images_per_s_ratio', 'kdjax_wall_s', 'kdjax_compile_s'):
       assert _positive(row[key]), (name, key, row[key])
     assert row['images_per_s_ratio'] == pytest.approx(row['kdjax_images_per_s'] / row['peer_images_per_s'])
@@ -126,6 +126,7 @@ def test_side_by_side_compares_kdjax_with_the_peer(tiny_archive, tmp_path):
 @pytest.mark.parametrize('flags, reason', [
     (['--peer', '/nonexistent/peer.py'], 'not found'),
     (['--epochs-teacher', '0.5'], 'whole epochs'),
+    (['--epochs-student', '1'], 'at least 2'),  # the peer times every epoch after the first
     (['--skip-peer'], '--skip-peer'),
 ])
 def test_side_by_side_says_why_the_peer_is_skipped(tmp_path, flags, reason):

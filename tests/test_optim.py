@@ -69,3 +69,5 @@ def test_linear_and_onecycle_schedules_over_the_phase():
   rates = _rates(onecycle, 100, 10, at=[0, 30, 100])
   np.testing.assert_allclose(rates[:2], [0.4 / 25, 0.4], rtol=1e-5)  # starts at peak/25, peaks at 30% (torch's)
   assert rates[2] < 1e-5
+  onecycle.pct_start = 0.25  # the PyTorch peer's
+  np.testing.assert_allclose(_rates(onecycle, 100, 10, at=[25]), [0.4], rtol=1e-5)
