@@ -172,8 +172,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   state = jax.device_put(state, replicated)
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
-               metrics_template=steps.empty_metrics(spec, state, teacher_vars, (dataset.images, dataset.labels),
-                                                    batch_size, replicated),
+               metrics_template=steps.empty_metrics(spec, replicated),
                eval_fn=steps.jit_eval_step(student_def, eval_def, preprocess), state=state,
                teacher_vars=teacher_vars, eval_teacher_vars=eval_vars)
 

@@ -128,6 +128,7 @@ def train_step(spec: PhaseStep, state: state_lib.TrainState, teacher_vars, batch
   new_state = jax.tree.map(lambda good, bad: jnp.where(finite, good, bad), candidate, refused)
   outputs = {'loss': loss, **terms,
              **metrics_lib.classification_outputs(logits, labels, None if teacher_out is None else teacher_out[0])}
+  assert sorted(outputs) == sorted(metric_names(spec)), (sorted(outputs), metric_names(spec))  # at trace time
   return new_state, metrics_lib.collection(outputs).single_from_model_output(**outputs)
 
 
@@ -185,15 +186,16 @@ def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state
   return state, metrics_lib.accumulate(acc, step_metrics)
 
 
-def empty_metrics(spec: PhaseStep, state, teacher_vars, split, batch_size: int, sharding):
+def metric_names(spec: PhaseStep) -> tuple[str, ...]:
+  """What `train_step` averages: the loss, each term, top-1 and top-5, and agreement where a teacher runs."""
+  return ('loss', *spec.term_names, 'top1', 'top5', *(('agreement',) if spec.teacher is not None else ()))
+
+
+def empty_metrics(spec: PhaseStep, sharding):
   """The zero of `train_program`'s metric accumulator (the step's metric collection, empty), placed with
-  `sharding` (replicated, like the program's output accumulator)."""
-  images, labels = split
-  batch = {'image': jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype),
-           'label': jax.ShapeDtypeStruct((batch_size,), labels.dtype),
-           'index': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  _, shapes = jax.eval_shape(functools.partial(train_step, spec), state, teacher_vars, batch)
-  return metrics_lib.empty_like(shapes, sharding)
+  `sharding` (replicated, like the program's output accumulator). Built from the names, not by tracing the step
+  once more: that trace cost as much as the program's own for every phase."""
+  return jax.device_put(metrics_lib.collection(metric_names(spec)).empty(), sharding)
 
 
 def jit_train_step(spec: PhaseStep, state_sharding):

@@ -293,7 +293,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   split = (run.data.train.images, run.data.train.labels)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   step = first_step = int(jax.device_get(state.step))
-  acc = steps.empty_metrics(spec, state, run.train_teacher_arg, split, cfg.batch_size, run.replicated)
+  acc = steps.empty_metrics(spec, run.replicated)
   order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:

@@ -432,3 +432,19 @@ def test_the_eval_program_is_traced_once_for_every_phase(tmp_path, teacher_workd
   cfg.teacher.workdir = teacher_workdir
   train.train_and_evaluate(cfg, str(tmp_path / 'run'))
   assert len(cfg.schedule) == 3 and len(programs) == 1 and programs[0]._cache_size() == 1
+
+
+def test_the_train_step_is_traced_once_per_phase(tmp_path, teacher_workdir, monkeypatch):
+  """Tracing a ResNet-34 step costs seconds: each phase traces it once, for its program (the metric accumulator
+  is built from names, not from another trace), and never again at epoch, eval or checkpoint boundaries."""
+  traced, step = [], steps.train_step
+
+  def counted(spec, *args):
+    traced.append(spec.first_step)
+    return step(spec, *args)
+  monkeypatch.setattr(steps, 'train_step', counted)
+  cfg = tiny.get_config('stagewise')
+  cfg.teacher.workdir = teacher_workdir
+  cfg.checkpoint_every_steps = 10
+  train.train_and_evaluate(cfg, str(tmp_path / 'run'))
+  assert traced == [0, 22, 44], traced  # the three phases' first steps, once each
