@@ -3,6 +3,7 @@ import dataclasses
 import os
 
 import numpy as np
+from absl import logging
 
 from kdjax.data import loader, sources
 from kdjax.errors import UserError
@@ -61,6 +62,11 @@ def load(data_cfg, mesh) -> RunData:
   if height != width:
     raise UserError(f'the images of {data_cfg.dataset} are {width}x{height}, not square; set data.image_size=N to '
                     'resize them to NxN')
+  for name, split in (('eval', evaluation), ('held-out', heldout)):
+    if split is not None and split.images.shape[1:3] != (height, width):
+      logging.warning('the %s split of %s holds %dx%d images, the training split %dx%d: evaluation resizes them to'
+                      ' the training size (set data.image_size to decode every split at one size)', name,
+                      data_cfg.dataset, split.images.shape[2], split.images.shape[1], width, height)
   mean, std = channel_stats(train.images) if data_cfg.normalize else ((0.0,) * train.images.shape[-1],
                                                                       (1.0,) * train.images.shape[-1])
   place = lambda split: loader.ResidentDataset.from_arrays(split.images, split.labels, mesh)

@@ -455,3 +455,15 @@ def test_each_epoch_visits_every_example_once_in_its_own_order():
     assert sorted(order.tolist()) == list(range(50))
   assert len({tuple(order) for order in orders.values()}) == len(orders)  # per epoch and per seed
   np.testing.assert_array_equal(loader.epoch_permutation(1, 2, 50), orders[1, 2])  # and reproducible
+
+
+def test_an_eval_split_of_another_image_size_is_logged(tmp_path, cache_dir, caplog):
+  root = tmp_path / 'tree'
+  make_tree(root, splits=('train',), size=8)
+  make_tree(root, splits=('test',), size=12)
+  cfg = config_lib.base_config().data
+  cfg.dataset, cfg.cache_dir = str(root), cache_dir
+  with caplog.at_level('WARNING'):
+    data = run_data.load(cfg, mesh_lib.make_data_mesh())
+  assert data.image_shape == (8, 8, 3)
+  assert 'the eval split of' in caplog.text and 'holds 12x12 images, the training split 8x8' in caplog.text
