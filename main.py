@@ -187,8 +187,11 @@ def _match(cfg, workdir, batch_size=500):
                     'teacher it was distilled from')
   student = export.Predictor.load(workdir)
   spec = student.spec
+  # Both in the run's compute dtype, as training ran them: a float32 teacher against a bf16 student would count
+  # precision noise as distance.
   teacher = teachers.restore_teacher(cfg, num_classes=len(spec['class_names']),
-                                     image_shape=tuple(spec['image_shape']), dtype=jnp.float32,
+                                     image_shape=tuple(spec['image_shape']),
+                                     dtype=jnp.dtype(spec.get('compute_dtype', 'float32')),
                                      mean=spec['mean'], std=spec['std'])
   split_name, split = _eval_split(cfg, workdir, spec)
   batches = ((student.normalize(jnp.asarray(split.images[i:i + batch_size])), split.labels[i:i + batch_size])

@@ -4,6 +4,9 @@ The headline experiment (`imagenette_stagewise.py`) needs a GPU; this one runs t
 (`kdjax.config.stagewise`: phase k trains student stage k alone to match teacher map k, then the head on labels with
 the backbone frozen) on real data in minutes per run on a CPU. ResNet-8 has ResNet-20's four feature maps (stem,
 then three stages at 32/16/8 px with 16/32/64 channels) and a third of its depth per stage, so no adapter is needed.
+The CIFAR stem and the first stage share one shape (32x32x16), so by the issue's definition ("the teacher's first n
+outputs of distinct shapes") these are 3 maps; this proxy matches all four outputs, stem and first stage apart (and
+`joint4` is "joint3" plus the first stage). The Imagenette ResNet-34 maps all differ in shape.
 
 Commands (teacher first):
   python main.py --config configs/cifar10_teacher.py:resnet20_cpu --workdir workdirs/cifar10_teacher_resnet20_cpu

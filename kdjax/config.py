@@ -428,7 +428,11 @@ def stagewise(num_stages: int, stage_epochs: float, classifier_epochs: float, st
 
 def joint(num_maps: int, epochs: float, opt, *, map_weights=None, ce_weight: float = 1.0):
   """(schedule, phases) of joint mode: CE plus the first `num_maps` feature maps' losses in one phase."""
+  if num_maps < 1:
+    raise UserError(f'joint mode needs at least one feature map, got {num_maps}')
   weights = map_weights or (1.0,) * num_maps
+  if len(weights) != num_maps:
+    raise UserError(f'joint mode with {num_maps} maps got {len(weights)} map weights {tuple(weights)}; give one per map')
   losses = {'ce': loss_term('ce', weight=ce_weight)}
   for k in range(num_maps):
     losses[f'feature{k}'] = loss_term('feature_mse', weight=weights[k], student_stage=k, teacher_stage=k)

@@ -55,13 +55,18 @@ def _global_pool(x):
   return x.mean(axis=(1, 2)) if x.ndim == 4 else x
 
 
+def _uses_adapter(args, student_channels: int, teacher_channels: int) -> bool:
+  """Whether a feature term maps the student's map through an adapter: by its own `adapter` setting. Adapters are
+  shared by key (the stage pair), so another term's adapter on the same pair must not leak into an 'never' term."""
+  return args['adapter'] == 'always' or (args['adapter'] == 'auto' and student_channels != teacher_channels)
+
+
 def _adapted(args, student_out, teacher_out, adapters):
-  """The student feature map `args.student_stage`, mapped by its adapter if it has one, and the teacher's."""
+  """The student feature map `args.student_stage`, mapped by its adapter if the term uses one, and the teacher's."""
   student = student_out[1][args['student_stage']]
   teacher = teacher_out[1][args['teacher_stage']]
-  key = adapter_key(args)
-  if adapters is not None and key in adapters.maps:
-    student = adapters.maps[key](student)
+  if _uses_adapter(args, student.shape[-1], teacher.shape[-1]):
+    student = adapters.maps[adapter_key(args)](student)
   if args.get('pool') == 'avg':
     student, teacher = _global_pool(student), _global_pool(teacher)
   return student, teacher
@@ -207,7 +212,7 @@ class Adapters(nnx.Module):
 
 def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tuple[int, int]]:
   """The adapters all phases' feature terms need: {key: (student channels, teacher channels)}."""
-  shapes = {}
+  shapes, heads_of = {}, {}
   for ph in phases:
     for name, term_cfg in ph.losses.items():
       if not TERMS[term_cfg.kind].uses_features:
@@ -216,8 +221,15 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
       c_in = _stage(student_channels, args['student_stage'], 'student')
       c_out = _stage(teacher_channels, args['teacher_stage'], 'teacher')
       if TERMS[term_cfg.kind].heads is not None:
+        # Heads (and CRD's memory banks) belong to the term's name: two phases may share them, but only for the
+        # same maps and sizes, or one phase would silently start from heads trained on other maps.
+        setting = {k: args[k] for k in ('student_stage', 'teacher_stage', 'embed_dim') if k in args}
+        if heads_of.setdefault(name, setting) != setting:
+          raise UserError(f'loss term `{name}` ({term_cfg.kind}) is set to {heads_of[name]} in one phase and '
+                          f'{setting} in another; its learned heads and memory are kept by name, so give the '
+                          'terms of different maps different names')
         shapes.update(TERMS[term_cfg.kind].heads(name, args, c_in, c_out))
-      elif args['adapter'] == 'always' or (args['adapter'] == 'auto' and c_in != c_out):
+      elif _uses_adapter(args, c_in, c_out):
         shapes[adapter_key(args)] = (c_in, c_out)
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '

@@ -147,3 +147,14 @@ def test_the_default_demo_is_a_ce_teacher_a_ce_student_and_a_kd_student_of_it():
   for run in runs.values():
     config_lib.validate(run, 1)
     assert run.suite == 'single'
+
+
+def test_joint_mode_needs_one_weight_per_map():
+  from kdjax.errors import UserError as Refused
+  schedule, phases = config_lib.joint(2, 1.0, config_lib.optimizer('adam'), map_weights=(1.0, 3.0))
+  assert [phases.joint.losses[f'feature{k}'].weight for k in range(2)] == [1.0, 3.0]
+  for weights in ((1.0,), (1.0, 2.0, 3.0)):
+    with pytest.raises(Refused, match='give one per map'):
+      config_lib.joint(2, 1.0, config_lib.optimizer('adam'), map_weights=weights)
+  with pytest.raises(Refused, match='at least one feature map'):
+    config_lib.joint(0, 1.0, config_lib.optimizer('adam'))

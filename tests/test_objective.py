@@ -57,6 +57,28 @@ def test_mismatched_channels_without_adapter_is_a_user_error():
                                  (8, 16), (8, 32))
 
 
+def test_a_term_without_an_adapter_never_goes_through_another_terms_adapter():
+  """Adapters are kept by stage pair: the hint phase learns s1_t1, and the attention-transfer term of the next phase
+  (adapter='never', its default) on the same pair must read the student's raw map."""
+  hint = config_lib.phase(1, {'hint': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1)})
+  train = config_lib.phase(1, {'at': config_lib.loss_term('at', student_stage=1, teacher_stage=1)})
+  assert objective_lib.adapter_shapes([hint, train], (8, 16), (8, 32)) == {'s1_t1': (16, 32)}
+  adapters = objective_lib.Adapters({'s1_t1': (16, 32)}, rngs=nnx.Rngs(0))
+  student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
+  objective, _ = objective_lib.build_objective(train.losses)
+  _, terms, _ = objective(student, teacher, None, adapters, 0)
+  np.testing.assert_allclose(terms['at'], losses.attention_transfer(student[1][1], teacher[1][1], p=2), rtol=1e-6)
+
+
+def test_one_crd_term_name_on_other_maps_in_two_phases_is_refused():
+  """Its heads and memory banks are kept by the term's name: a second phase on other maps would reuse them."""
+  crd = lambda stage: config_lib.phase(1, {'crd': config_lib.loss_term('crd', student_stage=stage,
+                                                                      teacher_stage=stage, embed_dim=4)})
+  assert objective_lib.adapter_shapes([crd(1), crd(1)], (8, 8), (8, 8))  # the same maps: shared, as meant
+  with pytest.raises(UserError, match='loss term `crd` .* give the terms of different maps different names'):
+    objective_lib.adapter_shapes([crd(0), crd(1)], (8, 8), (8, 8))
+
+
 def test_dkd_warms_up_linearly():
   student, teacher = _outputs(jax.random.key(0), (8,)), _outputs(jax.random.key(1), (8,))
   labels = jnp.arange(8) % 10
