@@ -239,6 +239,9 @@ def _check_phases(cfg):
     if not ph.losses:
       raise UserError(f'phase `{name}` has no losses; add one, e.g. `losses={{"ce": loss_term("ce")}}`')
     for term_name, term in ph.losses.items():
+      if term_name in RESERVED_TERM_NAMES:  # each term's value is logged under its name, beside these metrics
+        raise UserError(f'config `phases.{name}.losses.{term_name}`: {term_name!r} names a logged metric '
+                        f'({", ".join(RESERVED_TERM_NAMES)}); call the term something else, e.g. {term_name}_term')
       objective.check_term(term, f'phases.{name}.losses.{term_name}')
     for key, fn in (('name', lambda: __import__('kdjax.optim', fromlist=['OPTIMIZERS']).OPTIMIZERS),
                     ('schedule', lambda: __import__('kdjax.optim', fromlist=['SCHEDULES']).SCHEDULES)):
@@ -259,6 +262,9 @@ def _at_least(low, strict=False):
 
 
 # Numeric ranges, by dotted key; `phases.*.` keys apply to every phase.
+# The train step's own metrics (kdjax.steps.metric_names), which a loss term's name would collide with.
+RESERVED_TERM_NAMES = ('loss', 'top1', 'top5', 'agreement')
+
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'batch_size': (_at_least(1), '>= 1'),
     'eval_batch_size': (_at_least(1), '>= 1'),

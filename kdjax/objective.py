@@ -223,7 +223,8 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
       if TERMS[term_cfg.kind].heads is not None:
         # Heads (and CRD's memory banks) belong to the term's name: two phases may share them, but only for the
         # same maps and sizes, or one phase would silently start from heads trained on other maps.
-        setting = {k: args[k] for k in ('student_stage', 'teacher_stage', 'embed_dim') if k in args}
+        setting = dict(student_stage=args['student_stage'] % len(student_channels),  # -1 is the last stage
+                       teacher_stage=args['teacher_stage'] % len(teacher_channels), embed_dim=args['embed_dim'])
         if heads_of.setdefault(name, setting) != setting:
           raise UserError(f'loss term `{name}` ({term_cfg.kind}) is set to {heads_of[name]} in one phase and '
                           f'{setting} in another; its learned heads and memory are kept by name, so give the '

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kdjax import config as config_lib
 from kdjax import metrics as metrics_lib
 from kdjax import state as state_lib
 from kdjax.data import loader
@@ -188,7 +189,8 @@ def train_program(spec: PhaseStep, batch_size: int, batch_sharding, state: state
 
 def metric_names(spec: PhaseStep) -> tuple[str, ...]:
   """What `train_step` averages: the loss, each term, top-1 and top-5, and agreement where a teacher runs."""
-  return ('loss', *spec.term_names, 'top1', 'top5', *(('agreement',) if spec.teacher is not None else ()))
+  own = [name for name in config_lib.RESERVED_TERM_NAMES if name != 'agreement' or spec.teacher is not None]
+  return (*own, *spec.term_names)
 
 
 def empty_metrics(spec: PhaseStep, sharding):

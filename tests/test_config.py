@@ -158,3 +158,11 @@ def test_joint_mode_needs_one_weight_per_map():
       config_lib.joint(2, 1.0, config_lib.optimizer('adam'), map_weights=weights)
   with pytest.raises(Refused, match='at least one feature map'):
     config_lib.joint(0, 1.0, config_lib.optimizer('adam'))
+
+
+@pytest.mark.parametrize('name', ['loss', 'top1', 'top5', 'agreement'])
+def test_a_loss_term_named_like_a_logged_metric_is_refused(name):
+  cfg = tiny.get_config('ce')
+  cfg.phases.train.losses = {name: config_lib.loss_term('ce')}
+  with pytest.raises(UserError, match=f'`phases.train.losses.{name}`: .*names a logged metric'):
+    config_lib.validate(cfg, 1)

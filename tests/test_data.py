@@ -467,3 +467,14 @@ def test_an_eval_split_of_another_image_size_is_logged(tmp_path, cache_dir, capl
     data = run_data.load(cfg, mesh_lib.make_data_mesh())
   assert data.image_shape == (8, 8, 3)
   assert 'the eval split of' in caplog.text and 'holds 12x12 images, the training split 8x8' in caplog.text
+
+
+def test_compact_copy_of_one_split_with_nested_class_folders(tmp_path, cache_dir):
+  """`train/<class>/images/x.png`, the only split: `train` is kept as the split, not dropped as a top folder."""
+  root = tmp_path / 'src' / 'mydata'
+  for name in ('cat', 'dog'):
+    _write(str(root / 'train' / name / 'images' / '0.png'), np.zeros((8, 8, 3), np.uint8), '.png')
+  out = str(tmp_path / 'copy.tgz')
+  assert compact.compact(str(tmp_path / 'src'), out, size=4) == (2, 0)
+  copy = load_split(out, 'train', cache_dir=cache_dir)
+  assert copy.class_names == ('cat', 'dog') and sorted(copy.labels.tolist()) == [0, 1]

@@ -75,6 +75,7 @@ def test_one_crd_term_name_on_other_maps_in_two_phases_is_refused():
   crd = lambda stage: config_lib.phase(1, {'crd': config_lib.loss_term('crd', student_stage=stage,
                                                                       teacher_stage=stage, embed_dim=4)})
   assert objective_lib.adapter_shapes([crd(1), crd(1)], (8, 8), (8, 8))  # the same maps: shared, as meant
+  assert objective_lib.adapter_shapes([crd(-1), crd(1)], (8, 8), (8, 8))  # stage -1 of two is stage 1
   with pytest.raises(UserError, match='loss term `crd` .* give the terms of different maps different names'):
     objective_lib.adapter_shapes([crd(0), crd(1)], (8, 8), (8, 8))
 

@@ -23,7 +23,8 @@ def is_archive(path: str) -> bool:
 def archive_key(path: str) -> tuple:
   """What identifies an archive's content cheaply: its absolute path, size, modification time and change time.
   The change time is set by the file system on every write and cannot be set back (`cp -p` and `rsync -a` restore
-  the modification time of a rebuilt archive, not this), so new content of the same size is a new key."""
+  the modification time of a rebuilt archive, not this), so new content of the same size is a new key. The price:
+  a metadata change (chmod, a new hard link) also gives a new key, so one more extraction and decode."""
   stat = os.stat(path)
   return os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 

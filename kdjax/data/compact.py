@@ -74,10 +74,17 @@ def _archive_members(path: str):
           yield name, tar.extractfile(member).read()
 
 
+# Folder names that are splits, never top folders to drop: a tree of one split whose images sit in sub-folders of
+# their class folders (`train/cat/images/x.png`) looks like a top folder `train` above `cat/images/x.png` otherwise.
+_SPLIT_NAMES = ('train', 'test', 'val', 'valid', 'validation')
+
+
 def _shared_top_depth(names: list[str]) -> int:
-  """How many leading folders all names share while more than <split>/<class>/<file> remains."""
+  """How many leading folders all names share while more than <split>/<class>/<file> remains (a split's name is
+  never one of them)."""
   parts, depth = [name.split('/') for name in names], 0
-  while parts and all(len(p) > depth + 3 for p in parts) and len({p[depth] for p in parts}) == 1:
+  while (parts and all(len(p) > depth + 3 for p in parts) and len({p[depth] for p in parts}) == 1
+         and parts[0][depth].lower() not in _SPLIT_NAMES):
     depth += 1
   return depth
 

@@ -34,10 +34,11 @@ def is_image_file(name: str) -> bool:
 
 
 def image_files(folder: str) -> list[str]:
-  """The image files anywhere under `folder` (hidden files and folders skipped), sorted by path relative to it."""
+  """The image files anywhere under `folder` (hidden files and folders, and macOS's `__MACOSX`, skipped), sorted by
+  path relative to it."""
   found = []
   for parent, dirs, filenames in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    dirs[:] = [d for d in dirs if not d.startswith('.') and d != '__MACOSX']
     found += [os.path.join(parent, f) for f in filenames if is_image_file(f) and not f.startswith('.')]
   return sorted(found, key=lambda path: os.path.relpath(path, folder))
 
