@@ -57,7 +57,7 @@ def _global_pool(x):
 
 def _uses_adapter(args, student_channels: int, teacher_channels: int) -> bool:
   """Whether a feature term maps the student's map through an adapter: by its own `adapter` setting. Adapters are
-  shared by key (the stage pair), so another term's adapter on the same pair must not leak into an 'never' term."""
+  shared by key (the stage pair), so another term's adapter on the same pair must not leak into a 'never' term."""
   return args['adapter'] == 'always' or (args['adapter'] == 'auto' and student_channels != teacher_channels)
 
 
