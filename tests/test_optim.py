@@ -34,6 +34,8 @@ def test_warm_up_rises_linearly_to_the_peak_then_the_schedule_runs_over_the_rest
 
 
 def _one_update(cfg, grads, params):
+  as32 = lambda tree: {k: np.asarray(v, np.float32) for k, v in tree.items()}  # JAX's float32, as in training
+  grads, params = as32(grads), as32(params)
   tx = optim.make_optimizer(cfg, total_steps=10, steps_per_epoch=10)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
