@@ -80,9 +80,7 @@ _CONFIG = _define_config_flag()
 def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as error:
-    _fail(_explain_flag_error(argv, error))
-  except _FLAG_ERRORS as error:
+  except (flags.Error, *_FLAG_ERRORS) as error:
     _fail(_explain_flag_error(argv, error))
 
 

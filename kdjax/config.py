@@ -261,10 +261,10 @@ def _at_least(low, strict=False):
   return lambda v: (v > low) if strict else (v >= low)
 
 
-# Numeric ranges, by dotted key; `phases.*.` keys apply to every phase.
 # The train step's own metrics (kdjax.steps.metric_names), which a loss term's name would collide with.
 RESERVED_TERM_NAMES = ('loss', 'top1', 'top5', 'agreement')
 
+# Numeric ranges, by dotted key; `phases.*.` keys apply to every phase.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'batch_size': (_at_least(1), '>= 1'),
     'eval_batch_size': (_at_least(1), '>= 1'),

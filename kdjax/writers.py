@@ -31,6 +31,13 @@ def clu_writers_available() -> bool:
   return True
 
 
+def _backend(backend: str) -> str:
+  """'clu' or 'tensorboard'; 'auto' is CLU's where it imports."""
+  if backend != 'auto':
+    return backend
+  return 'clu' if clu_writers_available() else 'tensorboard'
+
+
 class EventFileWriter:
   """Scalars to a TensorBoard event file, written with `tensorboard` only (no TensorFlow)."""
 
@@ -86,9 +93,7 @@ def create_writer(workdir: str, backend: str = 'auto'):
 
   Only process 0 writes event files; other processes log to the console.
   """
-  if backend == 'auto':
-    backend = 'clu' if clu_writers_available() else 'tensorboard'
-  if backend == 'clu':
+  if _backend(backend) == 'clu':
     from clu import metric_writers
     return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() > 0:
@@ -119,9 +124,7 @@ class ProgressReporter:
 
 
 def create_progress(num_train_steps: int, writer, every_steps: int, backend: str = 'auto'):
-  if backend == 'auto':
-    backend = 'clu' if clu_writers_available() else 'tensorboard'
-  if backend == 'clu':
+  if _backend(backend) == 'clu':
     from clu import periodic_actions
     return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
                                            every_steps=every_steps)

@@ -22,7 +22,6 @@ import tarfile
 from PIL import Image
 
 from kdjax.data import archive
-from kdjax.data import folder
 from kdjax.data import images
 from kdjax.data import tiny_imagenet
 from kdjax.errors import UserError
@@ -32,8 +31,8 @@ _LABEL_FILES = (tiny_imagenet.WNIDS, os.path.basename(tiny_imagenet.ANNOTATIONS)
 
 
 def _hidden(name: str) -> bool:
-  """Parts of a path that the loader ignores too (`folder.py`): hidden ones and macOS's `__MACOSX`."""
-  return any(part.startswith('.') or part in folder.IGNORED_FOLDERS for part in name.split('/'))
+  """Whether the loader ignores a path (`images.is_ignored` of any of its parts)."""
+  return any(images.is_ignored(part) for part in name.split('/'))
 
 
 def _refuse_label_files(name: str) -> None:
@@ -53,7 +52,7 @@ def _folder_members(root: str):
       yield relative + '/', None
     for name in sorted(files):
       _refuse_label_files(name)
-      if images.is_image_file(name) and not name.startswith('.'):
+      if images.is_image_file(name) and not images.is_ignored(name):
         path = os.path.join(parent, name)
         with open(path, 'rb') as f:
           yield os.path.relpath(path, root).replace(os.sep, '/'), f.read()

@@ -28,13 +28,9 @@ from kdjax.data.splits import ArraySplit, fixed_order
 from kdjax.errors import UserError
 
 
-IGNORED_FOLDERS = ('__MACOSX',)  # resource forks that macOS's zip and Finder add beside every folder
-
-
 def _subfolders(path: str) -> list[str]:
   with os.scandir(path) as entries:
-    return sorted(e.name for e in entries
-                  if e.is_dir() and not e.name.startswith('.') and e.name not in IGNORED_FOLDERS)
+    return sorted(e.name for e in entries if e.is_dir() and not images.is_ignored(e.name))
 
 
 def find_tree(root: str, split: str) -> str:

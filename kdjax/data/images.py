@@ -33,13 +33,21 @@ def is_image_file(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+IGNORED_FOLDERS = ('__MACOSX',)  # resource forks that macOS's zip and Finder add beside every folder
+
+
+def is_ignored(name: str) -> bool:
+  """Whether a file or folder name is none of the data's: hidden, or one of `IGNORED_FOLDERS`."""
+  return name.startswith('.') or name in IGNORED_FOLDERS
+
+
 def image_files(folder: str) -> list[str]:
-  """The image files anywhere under `folder` (hidden files and folders, and macOS's `__MACOSX`, skipped), sorted by
-  path relative to it."""
+  """The image files anywhere under `folder` (`is_ignored` files and folders skipped), sorted by path relative to
+  it."""
   found = []
   for parent, dirs, filenames in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith('.') and d != '__MACOSX']
-    found += [os.path.join(parent, f) for f in filenames if is_image_file(f) and not f.startswith('.')]
+    dirs[:] = [d for d in dirs if not is_ignored(d)]
+    found += [os.path.join(parent, f) for f in filenames if is_image_file(f) and not is_ignored(f)]
   return sorted(found, key=lambda path: os.path.relpath(path, folder))
 
 
