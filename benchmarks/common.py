@@ -26,6 +26,7 @@ from kdjax import metrics as metrics_lib
 from kdjax import objective as objective_lib
 from kdjax import optim
 from kdjax import report
+from kdjax import rng as rng_lib
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
@@ -119,7 +120,7 @@ def make_preprocess(images: np.ndarray, dtype, augment_name: str = 'crop_flip') 
 
 def build_model(name: str, *, num_classes: int, image_shape, dtype, seed: int) -> nnx.Module:
   return create_model(name, num_classes=num_classes, image_shape=tuple(image_shape),
-                      rngs=nnx.Rngs(params=seed, dropout=seed + 1), dtype=dtype, **ARCH_KWARGS.get(name, {}))
+                      rngs=rng_lib.model_rngs(seed), dtype=dtype, **ARCH_KWARGS.get(name, {}))
 
 
 def frozen_teacher(name: str, *, num_classes: int, image_shape, dtype, mesh) -> tuple[steps.Teacher, Any]:
@@ -154,7 +155,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   """
   student = build_model(model_name, num_classes=num_classes, image_shape=image_shape, dtype=preprocess.dtype,
                         seed=seed)
-  adapters = objective_lib.Adapters({}, rngs=nnx.Rngs(seed + 2), dtype=preprocess.dtype)
+  adapters = objective_lib.Adapters({}, rngs=nnx.Rngs(rng_lib.stream(seed, 'adapters')), dtype=preprocess.dtype)
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
   tx = optim.make_optimizer(opt_cfg, total_steps, dataset.steps_per_epoch(batch_size))

@@ -258,15 +258,17 @@ def _stage(channels, index, who):
   return channels[index]
 
 
-def init_memory(phases, num_examples: int, seed: int) -> dict:
-  """The memory of every stateful term of every phase, by term name: {name: {bank: (num_examples, ...) array}}."""
+def init_memory(phases, num_examples: int, key: jax.Array) -> dict:
+  """The memory of every stateful term of every phase, by term name: {name: {bank: (num_examples, ...) array}}.
+
+  `key` is the run's memory stream (`rng.stream(seed, 'memory')`); each term draws from its own fold of it."""
   memory = {}
   for ph in phases:
     for name, term_cfg in sorted(ph.losses.items()):
       term = TERMS[term_cfg.kind]
       if term.init_memory is not None and name not in memory:
-        key = jax.random.fold_in(jax.random.key(seed), len(memory))
-        memory[name] = term.init_memory(_named_args(name, term_cfg), num_examples, key)
+        term_key = jax.random.fold_in(key, len(memory))
+        memory[name] = term.init_memory(_named_args(name, term_cfg), num_examples, term_key)
   return memory
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax import rng as rng_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -52,6 +54,6 @@ def init_state(student_params, model_state, adapter_params, opt_state, seed: int
                memory=None, loss_args=None) -> TrainState:
   return TrainState(step=jnp.int32(0), params=student_params, model_state=model_state,
                     adapter_params=adapter_params, memory=memory or {}, loss_args=loss_args or {},
-                    opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)),
+                    opt_state=opt_state, rng=jax.random.key_data(rng_lib.stream(seed, 'steps')),
                     nonfinite_updates=jnp.int32(0), first_nonfinite_step=jnp.int32(-1),
                     first_nonfinite_terms=jnp.zeros((num_terms,), bool))

@@ -23,6 +23,7 @@ from kdjax import metrics as metrics_lib
 from kdjax import objective as objective_lib
 from kdjax import optim
 from kdjax import report
+from kdjax import rng as rng_lib
 from kdjax import run_data
 from kdjax import state as state_lib
 from kdjax import steps
@@ -142,7 +143,8 @@ class Run:
     if base_state is None:
       state = state_lib.init_state(self.params, self.model_state, self.adapter_params, opt_state, self.cfg.seed,
                                    num_terms, objective_lib.init_memory(self.phases, self.data.train.num_examples,
-                                                                        self.cfg.seed + 3), loss_args)
+                                                                        rng_lib.stream(self.cfg.seed, 'memory')),
+                                   loss_args)
     else:
       state = base_state.replace(opt_state=opt_state, loss_args=loss_args,
                                  first_nonfinite_terms=jnp.zeros((num_terms,), bool))
@@ -194,7 +196,7 @@ def build_run(cfg, workdir: str) -> Run:
   dtype = DTYPES[cfg.compute_dtype]
   teacher, teacher_vars, teacher_channels = load_teacher(cfg, data, dtype, mesh)
   student = create_model(cfg.student.name, num_classes=data.num_classes, image_shape=data.image_shape,
-                         rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1), dtype=dtype,
+                         rngs=rng_lib.model_rngs(cfg.seed), dtype=dtype,
                          **{k: v for k, v in cfg.student.items() if k != 'name'})
   if cfg.init.workdir:  # fine-tuning: start from another run's (or an imported model's) weights
     graphdef, variables = nnx.split(student)
@@ -203,7 +205,7 @@ def build_run(cfg, workdir: str) -> Run:
   phases = [cfg.phases[name] for name in cfg.schedule]
   adapters = objective_lib.Adapters(
       objective_lib.adapter_shapes(phases, student.stage_channels, teacher_channels) if teacher else {},
-      rngs=nnx.Rngs(cfg.seed + 2), dtype=dtype)
+      rngs=nnx.Rngs(rng_lib.stream(cfg.seed, 'adapters')), dtype=dtype)
   student_def, params, model_state = nnx.split(student, nnx.Param, ...)
   adapter_def, adapter_params = nnx.split(adapters, nnx.Param)
   adapter_patterns = [objective_lib.phase_adapter_pattern(ph, student.stage_channels, teacher_channels)

@@ -26,7 +26,7 @@ def test_every_term_gives_a_finite_scalar(kind):
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
   objective, names = objective_lib.build_objective(phase.losses)
   labels = jnp.arange(8) % 10
-  memory = objective_lib.init_memory([phase], 20, seed=0)
+  memory = objective_lib.init_memory([phase], 20, jax.random.key(0))
   total, terms, new_memory = objective(student, teacher, labels, adapters, jnp.int32(5), memory=memory,
                                        index=jnp.arange(8), key=jax.random.key(2))
   assert jax.tree.structure(new_memory) == jax.tree.structure(memory)
@@ -109,7 +109,7 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
   shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
   assert shapes == {'crd_c_student': (16, 6), 'crd_c_teacher': (32, 6)}
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
-  memory = objective_lib.init_memory([phase], 30, seed=0)
+  memory = objective_lib.init_memory([phase], 30, jax.random.key(0))
   np.testing.assert_allclose(jnp.linalg.norm(memory['c']['student'], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(memory['c']['labels'], -1)
   memory['c']['labels'] = jnp.arange(30, dtype=jnp.int32) % 3  # as if every row had been written once

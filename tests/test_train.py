@@ -20,6 +20,7 @@ from kdjax import config as config_lib
 from kdjax import export
 from kdjax import objective as objective_lib
 from kdjax import report
+from kdjax import rng as rng_lib
 from kdjax import state as state_lib
 from kdjax import steps
 from kdjax import train
@@ -311,7 +312,7 @@ def test_crd_run_keeps_its_memory_banks_in_the_checkpointed_state(tmp_path, teac
   raw = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
   banks = raw['memory']['crd']
   num_train = len(sources.load_split('digits', cfg.data.train_split).labels)
-  initial = objective_lib.init_memory([cfg.phases.train], num_train, cfg.seed + 3)['crd']
+  initial = objective_lib.init_memory([cfg.phases.train], num_train, rng_lib.stream(cfg.seed, 'memory'))['crd']
   for side in ('student', 'teacher'):
     assert banks[side].shape == (num_train, 16)
     np.testing.assert_allclose(np.linalg.norm(banks[side], axis=-1), 1.0, rtol=1e-4)
