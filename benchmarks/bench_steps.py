@@ -27,6 +27,7 @@ import jax  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from kdjax import mesh as mesh_lib  # noqa: E402
+from kdjax import steps  # noqa: E402
 
 PHASES = ('teacher', 'student_ce', 'student_kd', 'student_kd_cached')
 DEFAULT_PHASES = PHASES[:3]
@@ -84,7 +85,8 @@ def measure_phase(name: str, args, data, teacher) -> dict:
       name, model, losses, teacher=phase_teacher, num_classes=data['num_classes'],
       image_shape=data['image_shape'], preprocess=data['preprocess'], opt_cfg=common.peer_recipe(0.05),
       total_steps=args.warmup + 2 * args.steps + 1, dataset=data['dataset'], batch_size=args.batch,
-      mesh=data['mesh'], eval_teacher=teacher if phase_teacher is not None else None)
+      mesh=data['mesh'], eval_teacher=teacher if phase_teacher is not None else None,
+      eval_batch_size=args.eval_batch)
   dataset = data['dataset']
   order = dataset.epoch_order(0, 0)
   batches = [dataset.train_batch(order, i, args.batch) for i in range(min(4, dataset.steps_per_epoch(args.batch)))]
@@ -92,10 +94,11 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   state, loop_s = common.time_train(phase, phase.state, dataset, args.batch, args.steps, args.warmup,
                                     args.log_every)
   state, step_s = common.time_step_only(train_step, state, phase.teacher_vars, batches, args.steps, 1)
-  eval_step, eval_compile_s = common.compile_timed(phase.eval_fn, state.params, state.model_state,
-                                                   phase.eval_teacher_vars, next(dataset.eval_batches(args.eval_batch)))
-  common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)  # warm-up pass
-  eval_s = common.eval_pass(eval_step, state, phase.eval_teacher_vars, dataset, args.eval_batch)
+  eval_program, eval_compile_s = common.compile_timed(
+      phase.eval_program, state.params, state.model_state, phase.eval_teacher_vars, (dataset.images, dataset.labels),
+      *steps.eval_start(phase.eval_names, dataset.mesh))
+  common.eval_pass(phase, state, dataset, args.eval_batch, eval_program)  # warm-up pass
+  eval_s = common.eval_pass(phase, state, dataset, args.eval_batch, eval_program)
   memory = common.compiled_memory(train_step)
   return dict(phase=name, model=model, compile_s=compile_s, cache_build_s=cache_build_s, images_per_s=args.steps * args.batch / loop_s,
               step_ms=1000 * loop_s / args.steps, step_images_per_s=args.steps * args.batch / step_s,

@@ -103,7 +103,8 @@ class Phase:
   train_fn: Any         # jax.jit of steps.train_step (student state donated): the bare step
   steps_fn: Any         # jax.jit of steps.train_program: what the trainer dispatches (gather, step, metrics)
   metrics_template: Any  # an empty accumulator of steps_fn: each loop starts from a fresh copy (they are donated)
-  eval_fn: Any          # jax.jit of steps.eval_step
+  eval_program: Any     # steps.jit_eval_program: what `kdjax.train.Run.evaluate` dispatches per eval batch
+  eval_names: tuple     # its metric names (steps.eval_metric_names)
   state: state_lib.TrainState
   teacher_vars: Any     # the train step's teacher argument (variables, or a cached table); None without a teacher
   eval_teacher_vars: Any  # the eval step's teacher variables; None without a teacher
@@ -147,7 +148,7 @@ def cached_teacher(teacher: tuple, dataset: loader.ResidentDataset, augment_name
 def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | None, num_classes: int,
                 image_shape, preprocess: steps.Preprocess, opt_cfg, total_steps: int,
                 dataset: loader.ResidentDataset, batch_size: int, mesh, seed: int = 0,
-                eval_teacher: tuple | None = None) -> Phase:
+                eval_teacher: tuple | None = None, eval_batch_size: int | None = None) -> Phase:
   """A phase's state and jitted steps, in the order `train_and_evaluate` makes them.
 
   `teacher` is what the train step uses, (Teacher, variables) or (CachedTeacher, table); evaluation runs the real
@@ -174,7 +175,9 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
                metrics_template=steps.empty_metrics(spec, replicated),
-               eval_fn=steps.jit_eval_step(student_def, eval_def, preprocess), state=state,
+               eval_program=steps.jit_eval_program(student_def, eval_def, preprocess, eval_batch_size or batch_size,
+                                                   mesh),
+               eval_names=steps.eval_metric_names(eval_def), state=state,
                teacher_vars=teacher_vars, eval_teacher_vars=eval_vars)
 
 
@@ -231,14 +234,12 @@ def time_step_only(compiled, state, teacher_vars, batches: list, steps_: int, wa
   return state, time.perf_counter() - t0
 
 
-def eval_pass(compiled, state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int):
-  """One pass over the split as `kdjax.train.Run.evaluate` makes it (masked batches, merged metrics); seconds."""
+def eval_pass(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, program=None) -> float:
+  """Seconds of one pass over the split as `kdjax.train.Run.evaluate` makes it (`steps.evaluate`: one program per
+  batch, metrics merged on the devices); `program` defaults to `phase.eval_program` (e.g. its compiled form)."""
   t0 = time.perf_counter()
-  total = None
-  for batch in dataset.eval_batches(batch_size):
-    batch_metrics = compiled(state.params, state.model_state, teacher_vars, batch)
-    total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
-  jax.block_until_ready(total)
+  jax.block_until_ready(steps.evaluate(program or phase.eval_program, state.params, state.model_state,
+                                       phase.eval_teacher_vars, dataset, batch_size, phase.eval_names))
   return time.perf_counter() - t0
 
 

@@ -54,5 +54,3 @@ def accumulate(total, new):
   """total.merge(new) in total's dtypes (a loop carrying the accumulator must keep its types fixed)."""
   return jax.tree.map(lambda merged, old: merged.astype(old.dtype), total.merge(new), total)
 
-
-merge = jax.jit(lambda a, b: a.merge(b))

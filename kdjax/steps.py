@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from kdjax import config as config_lib
+from kdjax import mesh as mesh_lib
 from kdjax import metrics as metrics_lib
 from kdjax import state as state_lib
 from kdjax.data import loader
@@ -210,5 +211,44 @@ def jit_train_program(spec: PhaseStep, batch_size: int, batch_sharding, state_sh
                  out_shardings=(state_sharding, state_sharding))
 
 
-def jit_eval_step(student_def, teacher, preprocess):
-  return jax.jit(functools.partial(eval_step, student_def, teacher, preprocess))
+def eval_metric_names(teacher) -> tuple[str, ...]:
+  """What `eval_step` averages: cross-entropy, top-1 and top-5, and agreement where a teacher runs."""
+  return ('loss', 'top1', 'top5', *(('agreement',) if teacher is not None else ()))
+
+
+def eval_program(student_def, teacher, preprocess: Preprocess, batch_size: int, batch_sharding, params, model_state,
+                 teacher_vars, split: tuple[jax.Array, jax.Array], index: jax.Array, acc):
+  """What evaluation dispatches per batch, as one XLA program: batch `index` of the resident `split` in order,
+  gathered on the devices, its metrics added to `acc`; returns (index + 1, acc).
+
+  Nothing crosses from the host per batch (the loop it replaced copied two index arrays and ran three programs per
+  batch: gather, eval, merge). The split's size is part of the program's shape, so each eval split (validation,
+  a held-out part of the training split) is traced once."""
+  batch = loader.eval_batch(*split, index, batch_size=batch_size, sharding=batch_sharding)
+  batch_metrics = eval_step(student_def, teacher, preprocess, params, model_state, teacher_vars, batch)
+  return index + 1, metrics_lib.accumulate(acc, batch_metrics)
+
+
+def jit_eval_program(student_def, teacher, preprocess: Preprocess, batch_size: int, mesh):
+  """`eval_program` jitted for `mesh`; the accumulator is donated and both outputs stay replicated (placed like
+  the inputs `evaluate` makes, so the loop never compiles twice)."""
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(functools.partial(eval_program, student_def, teacher, preprocess, batch_size,
+                                   mesh_lib.batch_sharded(mesh)),
+                 donate_argnums=5, out_shardings=(replicated, replicated))
+
+
+def eval_start(names: tuple[str, ...], mesh):
+  """The first (index, accumulator) of an eval pass, placed as `jit_eval_program` returns them."""
+  replicated = mesh_lib.replicated(mesh)
+  return jax.device_put(jnp.int32(0), replicated), jax.device_put(metrics_lib.collection(names).empty(), replicated)
+
+
+def evaluate(program, params, model_state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int,
+             names: tuple[str, ...]):
+  """One pass of `program` (from `jit_eval_program`) over `dataset`: the merged metric collection, on the devices.
+  `names`: `eval_metric_names` of the program's teacher."""
+  index, acc = eval_start(names, dataset.mesh)
+  for _ in range(dataset.num_eval_batches(batch_size)):
+    index, acc = program(params, model_state, teacher_vars, (dataset.images, dataset.labels), index, acc)
+  return acc

@@ -128,7 +128,8 @@ class Run:
   replicated: Any
 
   def __post_init__(self):
-    self.eval_fn = steps.jit_eval_step(self.student_def, self.teacher, self.preprocess)
+    self.eval_program = steps.jit_eval_program(self.student_def, self.teacher, self.preprocess,
+                                               self.cfg.eval_batch_size, self.data.train.mesh)
 
   def phase_state(self, k: int, base_state=None):
     """(optimizer, state) for phase k: `base_state` (or a fresh state) with phase k's new optimizer state."""
@@ -151,10 +152,8 @@ class Run:
     return tx, jax.device_put(state, self.replicated)
 
   def evaluate(self, state, dataset) -> dict[str, float]:
-    total = None
-    for batch in dataset.eval_batches(self.cfg.eval_batch_size):
-      batch_metrics = self.eval_fn(state.params, state.model_state, self.teacher_vars, batch)
-      total = batch_metrics if total is None else metrics_lib.merge(total, batch_metrics)
+    total = steps.evaluate(self.eval_program, state.params, state.model_state, self.teacher_vars, dataset,
+                           self.cfg.eval_batch_size, steps.eval_metric_names(self.teacher))
     return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 

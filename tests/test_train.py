@@ -95,8 +95,10 @@ def test_run_on_8_devices_matches_1_device(tmp_path):
   assert 'data-parallel over 1 cpu device(s) in 1 process(es)' in done.stderr
   a, b = final_variables(eight), final_variables(one)
   assert a.keys() == b.keys()
+  # Float noise only: 8 devices sum the gradient in another order. Adam's update has the size of its learning rate
+  # (3e-3) wherever a gradient is near zero and its sign is noise, so absolute differences of lr / 30 can remain.
   for key in a:
-    np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=2e-5, err_msg=key)
+    np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-4, err_msg=key)
   assert summary['eval_top1'] > 0.5  # 4 epochs on half the digits: far above chance (0.1)
 
 
@@ -420,15 +422,55 @@ def test_a_train_step_moves_nothing_between_host_and_devices(tmp_path, monkeypat
   assert len(calls) == summary['steps'] == 44
 
 
+@pytest.mark.parametrize('with_teacher', [False, True])
+def test_an_eval_pass_counts_every_example_once(with_teacher):
+  """37 examples of 7 classes in batches of 16 over 8 devices: two full batches and one padded with 11 masked rows. The pass's
+  metrics equal those of the model's logits on the whole split, computed on the host."""
+  from kdjax import mesh as mesh_lib
+  from kdjax.data import loader
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (37, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 7, 37).astype(np.int32)
+  mesh = mesh_lib.make_data_mesh()
+  dataset = loader.ResidentDataset.from_arrays(images, labels, mesh)
+  preprocess = steps.Preprocess(augment=None, evaluate=lambda x: x.astype(jnp.float32) / 255, mean=(0.5,) * 3,
+                                std=(0.25,) * 3, dtype=jnp.float32, image_size=8)
+  student_def, variables = nnx.split(create_model('cnn2', num_classes=7, image_shape=(8, 8, 3), hidden=8,
+                                                  rngs=nnx.Rngs(0)))
+  params, model_state = nnx.split_state(variables, nnx.Param, ...)
+  teacher, teacher_vars = None, None
+  if with_teacher:
+    teacher_def, teacher_vars = nnx.split(create_model('mlp2', num_classes=7, image_shape=(8, 8, 3), hidden=8,
+                                                       rngs=nnx.Rngs(1)))
+    teacher = steps.Teacher(teacher_def)
+  program = steps.jit_eval_program(student_def, teacher, preprocess, 16, mesh)
+  got = steps.evaluate(program, params, model_state, teacher_vars, dataset, 16, steps.eval_metric_names(teacher))
+  got = {k: float(v) for k, v in got.compute().items()}
+
+  inputs = preprocess.eval(jnp.asarray(images))
+  logits = np.asarray(nnx.merge(student_def, params, model_state)(inputs, train=False)[0], np.float64)
+  log_probs = logits - logits.max(1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+  want = {'top1': np.mean(logits.argmax(1) == labels), 'loss': -np.mean(log_probs[np.arange(37), labels]),
+          'top5': np.mean([label in np.argsort(-row)[:5] for row, label in zip(logits, labels)])}
+  if with_teacher:
+    teacher_logits = np.asarray(teacher.forward(teacher_vars, inputs)[0])
+    want['agreement'] = np.mean(logits.argmax(1) == teacher_logits.argmax(1))
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+  assert 0 < got['top1'] < 1  # the comparison is not vacuous
+
+
 def test_the_eval_program_is_traced_once_for_every_phase(tmp_path, teacher_workdir, monkeypatch):
   """Three phases, three optimizer-state structures: evaluation still runs one traced program (it takes the model's
   variables, not the train state), so a phase change costs no new trace and lowering of the eval."""
-  jit_eval, programs = steps.jit_eval_step, []
+  jit_eval, programs = steps.jit_eval_program, []
 
   def kept(*args):
     programs.append(jit_eval(*args))
     return programs[-1]
-  monkeypatch.setattr(steps, 'jit_eval_step', kept)
+  monkeypatch.setattr(steps, 'jit_eval_program', kept)
   cfg = tiny.get_config('stagewise')
   cfg.teacher.workdir = teacher_workdir
   train.train_and_evaluate(cfg, str(tmp_path / 'run'))

@@ -84,13 +84,18 @@ class ResidentDataset:
     return _gather(self.images, self.labels, order, jnp.int32(index), batch_size=batch_size,
                    sharding=mesh_lib.batch_sharded(self.mesh))
 
-  def eval_batches(self, batch_size: int):
-    """Every example once, in order; the last batch is padded and masked so its shape stays static."""
-    sharding = mesh_lib.batch_sharded(self.mesh)
-    for start in range(0, self.num_examples, batch_size):
-      rows = np.arange(start, start + batch_size)
-      mask = rows < self.num_examples
-      rows = _host_to_mesh(np.where(mask, rows, 0).astype(np.int32), sharding)
-      batch = _gather(self.images, self.labels, rows, jnp.int32(0), batch_size=batch_size, sharding=sharding)
-      batch['mask'] = _host_to_mesh(mask, sharding)
-      yield batch
+  def num_eval_batches(self, batch_size: int) -> int:
+    """Batches of `eval_batch` that cover every example once (the last one padded and masked)."""
+    return -(-self.num_examples // batch_size)
+
+
+def eval_batch(images, labels, index, *, batch_size, sharding) -> dict[str, jax.Array]:
+  """Batch `index` of the split in order, sharded over the data axis, with a mask of the real rows; traceable.
+
+  Rows past the end (the last batch's padding) read row 0 and are masked out, so every batch has one static shape.
+  The rows are computed on the devices from `index` (a device scalar), so an eval batch costs no host transfer.
+  """
+  rows = jax.lax.with_sharding_constraint(index * batch_size + jnp.arange(batch_size, dtype=jnp.int32), sharding)
+  mask = rows < images.shape[0]
+  rows = jnp.where(mask, rows, 0)
+  return {'image': _take(images, rows, sharding), 'label': _take(labels, rows, sharding), 'mask': mask}
