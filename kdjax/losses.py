@@ -9,7 +9,8 @@ Conventions shared by all losses:
 
 * Inputs may arrive in bfloat16 (mixed-precision forward passes); they are cast to float32 first because
   softmaxes at high temperature, Gram matrices and pairwise distances lose most of their signal in 8 bits of
-  mantissa.
+  mantissa. For the same reason their matrix products run at full float32 precision (`_matmul`, `_einsum`): on
+  GPUs JAX's default for float32 products is TF32, whose 10-bit mantissa would undo the cast.
 * The result is a mean over the batch. Relational losses (SP, RKD, PKT, DIST) are defined on the batch as a whole,
   so their "mean" is the normalisation their paper uses; each docstring says which.
 * Gradients are not stopped on the teacher side. The trainer computes teacher outputs outside the differentiated
@@ -54,6 +55,14 @@ _MASK_VALUE = -1e9
 
 def _f32(x) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
 
 
 def _check_same_shape(what: str, student: jax.Array, teacher: jax.Array) -> None:
@@ -360,7 +369,7 @@ def feature_mse(student_features, teacher_features) -> jax.Array:
 
 def _normalized_gram(features: jax.Array) -> jax.Array:
   f = _flatten(features)
-  return l2_normalize(f @ f.T, axis=-1)
+  return l2_normalize(_matmul(f, f.T), axis=-1)
 
 
 def similarity_preserving(student_features, teacher_features) -> jax.Array:
@@ -419,9 +428,13 @@ def attention_transfer(student_features, teacher_features, *, p: float = 2) -> j
 
 
 def _pairwise_distances(x: jax.Array) -> jax.Array:
-  """Euclidean distance matrix of the rows of x, with an exact zero diagonal and finite gradients."""
+  """Euclidean distance matrix of the rows of x, with an exact zero diagonal and finite gradients.
+
+  The rows are centred first (distances do not change): |a|^2 + |b|^2 - 2 a.b cancels less when the norms are
+  small next to the distances."""
+  x = x - jnp.mean(x, axis=0, keepdims=True)
   sq = jnp.sum(x * x, axis=-1)
-  d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+  d2 = sq[:, None] + sq[None, :] - 2.0 * _matmul(x, x.T)
   d = jnp.sqrt(jnp.maximum(d2, 1e-12))
   return jnp.where(jnp.eye(x.shape[0], dtype=jnp.bool_), 0.0, d)
 
@@ -458,7 +471,7 @@ def rkd_distance(student_emb, teacher_emb) -> jax.Array:
 def _angle_potential(x: jax.Array) -> jax.Array:
   # e[j, i] = unit vector from x_j to x_i; cos of the angle at vertex x_j between x_i and x_k is <e[j,i], e[j,k]>.
   e = l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
-  return jnp.einsum('jid,jkd->jik', e, e)
+  return _einsum('jid,jkd->jik', e, e)
 
 
 def rkd_angle(student_emb, teacher_emb) -> jax.Array:
@@ -517,7 +530,7 @@ def pkt(student_emb, teacher_emb, *, eps: float = 1e-7) -> jax.Array:
 
   def conditional_probabilities(x):
     x = l2_normalize(x, axis=-1)
-    kernel = (x @ x.T + 1.0) / 2.0
+    kernel = (_matmul(x, x.T) + 1.0) / 2.0
     return kernel / jnp.maximum(jnp.sum(kernel, axis=-1, keepdims=True), 1e-12)
 
   p_t = conditional_probabilities(t)
@@ -540,7 +553,7 @@ def _info_nce(anchor: jax.Array, positive: jax.Array, negatives: jax.Array, temp
   A row with no valid negative contributes 0.
   """
   pos = jnp.sum(anchor * positive, axis=-1, keepdims=True)  # (N, 1)
-  neg = jnp.einsum('nd,nkd->nk', anchor, negatives)  # (N, K)
+  neg = _einsum('nd,nkd->nk', anchor, negatives)  # (N, K)
   return jnp.mean(jax.nn.softplus(jax.nn.logsumexp((neg - pos) / temperature, axis=-1, where=valid)))
 
 

@@ -52,6 +52,8 @@ class Term:
 
 
 def _global_pool(x):
+  """(N, C) float32: the mean over H, W of an NHWC map (a bfloat16 mean would round what the losses cast back)."""
+  x = x.astype(jnp.float32)
   return x.mean(axis=(1, 2)) if x.ndim == 4 else x
 
 
@@ -104,8 +106,9 @@ def _crd(a, s, t, y, ad, epoch, memory, index, key):
   side's embedding with the other side's bank (its own example's row against `negatives` random rows of other
   classes, see `losses.crd_nce`), then write the batch's embeddings and labels into the banks (momentum update)."""
   student_head, teacher_head = _crd_heads(a['name'])
-  student = losses.l2_normalize(ad.maps[student_head](_global_pool(s[1][a['student_stage']])))
-  teacher = losses.l2_normalize(ad.maps[teacher_head](_global_pool(t[1][a['teacher_stage']])))
+  # The heads compute in the run's dtype; the embeddings (and the banks they are written to) are float32.
+  student = losses.l2_normalize(ad.maps[student_head](_global_pool(s[1][a['student_stage']])).astype(jnp.float32))
+  teacher = losses.l2_normalize(ad.maps[teacher_head](_global_pool(t[1][a['teacher_stage']])).astype(jnp.float32))
   others = jax.random.randint(key, (student.shape[0], a['negatives']), 0, memory['student'].shape[0])
   rows = jnp.concatenate([index[:, None], others], axis=1)
   # The example's own row is never a negative; rows not yet written (label -1) count whatever their class.

@@ -457,6 +457,44 @@ def test_relational_losses_invariant_to_positive_scaling(scale):
     np.testing.assert_allclose(fn(s, t * scale), fn(s, t), rtol=1e-4, atol=1e-6, err_msg=fn.__name__)
 
 
+def test_rkd_distance_invariant_to_translation():
+  """Distances do not see where the batch sits: embeddings far from the origin (norms 1000x their spread) give the
+  same loss. Without centring, |a|^2 + |b|^2 - 2 a.b cancels 1e6-sized terms in float32 and the loss is noise."""
+  s, t = _normal(8, 16, seed=30), _normal(8, 16, seed=31)
+  np.testing.assert_allclose(L.rkd_distance(s + 1000.0, t - 1000.0), L.rkd_distance(s, t), rtol=1e-3)
+
+
+def _dot_precisions(fn, *args) -> list:
+  """The precision of every dot_general in `fn`'s jaxpr, nested jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        found.append(eqn.params['precision'])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize('fn', [losses.similarity_preserving, losses.rkd_distance, losses.rkd_angle, losses.pkt,
+                                losses.relational_kd], ids=lambda fn: fn.__name__)
+def test_relational_products_run_at_full_float32_precision(fn):
+  """On GPUs JAX's default float32 product is TF32 (10-bit mantissa); the relational losses ask for HIGHEST."""
+  s, t = _normal(6, 8, seed=32), _normal(6, 8, seed=33)
+  precisions = _dot_precisions(fn, s, t)
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  assert precisions and all(p == highest for p in precisions), precisions
+
+
+def test_crd_products_run_at_full_float32_precision():
+  anchor = _unit(_normal(4, 8, seed=34))
+  rows = np.stack([_unit(_normal(5, 8, seed=35 + i)) for i in range(4)])
+  precisions = _dot_precisions(functools.partial(L.crd_nce, nce_t=0.07), anchor, anchor, rows, rows)
+  assert precisions and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions), precisions
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CRD.
 # ---------------------------------------------------------------------------------------------------------------

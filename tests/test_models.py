@@ -106,6 +106,18 @@ def test_model_contract(name, dtype):
       assert isinstance(path[1], int) and 0 <= path[1] < len(model.stages), path
 
 
+@pytest.mark.parametrize('name', ['resnet8', 'cnn2'])
+def test_bf16_models_compute_their_logits_in_float32(name):
+  """The classifier's last Linear runs in float32: logits rounded to bfloat16 would tie and blur what the KD losses
+  compare. Most float32 logits are not bfloat16 values; all of them were when the head ran in bfloat16."""
+  model = create_model(name, num_classes=100, image_shape=(16, 16, 3), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3), jnp.bfloat16)
+  logits, _ = model(images, train=False)
+  logits = np.asarray(logits)
+  rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+  assert logits.dtype == np.float32 and np.mean(logits == rounded) < 0.2
+
+
 @pytest.mark.parametrize('name', ['resnet34_medium', 'resnet34_small', 'plain34_smallest'])
 def test_resnet34_students_match_teacher_stages(name):
   teacher, _, teacher_features = _abstract('resnet34')

@@ -145,3 +145,11 @@ def test_dkd_warmup_is_in_epochs_and_the_old_step_argument_names_it():
     objective_lib.check_term(config_lib.loss_term('dkd', warmup_steps=390), 'phases.train.losses.dkd')
   with pytest.raises(UserError, match='`warmup_epochs` must be >= 0'):
     objective_lib.check_term(config_lib.loss_term('dkd', warmup_epochs=-1.0), 'phases.train.losses.dkd')
+
+
+def test_pooled_features_are_float32_means_of_bfloat16_maps():
+  """RKD, PKT and CRD read pooled maps: the mean over H, W is taken in float32, not rounded back to bfloat16."""
+  maps = jax.random.normal(jax.random.key(0), (4, 5, 5, 16), jnp.bfloat16) + 3.0
+  pooled = objective_lib._global_pool(maps)
+  assert pooled.dtype == jnp.float32
+  np.testing.assert_allclose(pooled, np.asarray(maps, np.float64).mean(axis=(1, 2)), rtol=1e-6)

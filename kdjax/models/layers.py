@@ -100,6 +100,9 @@ POOLS: dict[str, Callable[[jax.Array], jax.Array]] = {
 class ClassifierHead(nnx.Module):
   """pool -> [Linear(hidden) -> ReLU] -> [Dropout] -> Linear(num_classes), with float32 logits.
 
+  The last Linear computes in float32 whatever the run's dtype: logits rounded to bfloat16 (8 bits of mantissa)
+  tie in top-1/top-5 and blur the small logit differences distillation losses compare; the layer costs little.
+
   All models share this class so the trainer can treat `model.head` uniformly (freeze it, swap it for a new number
   of classes). `in_features` is the vector size after pooling (for 'flatten', H * W * C of the last feature).
   Dropout, when `dropout > 0`, draws from the 'dropout' stream of `rngs` (or 'default' when there is none) and keeps
@@ -118,7 +121,7 @@ class ClassifierHead(nnx.Module):
     self.pool = pool
     self.hidden = linear(in_features, hidden, dtype=dtype, rngs=rngs) if hidden else None
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-    self.fc = linear(hidden or in_features, num_classes, dtype=dtype, rngs=rngs)
+    self.fc = linear(hidden or in_features, num_classes, dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = POOLS[self.pool](x)
@@ -126,7 +129,7 @@ class ClassifierHead(nnx.Module):
       x = nnx.relu(self.hidden(x))
     if self.dropout is not None:
       x = self.dropout(x, deterministic=not train)
-    return self.fc(x).astype(jnp.float32)
+    return self.fc(x.astype(jnp.float32))
 
 
 def run_stages(stages: nnx.List, head: nnx.Module, x: jax.Array, *, train
