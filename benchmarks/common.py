@@ -140,7 +140,7 @@ def cached_teacher(teacher: tuple, dataset: loader.ResidentDataset, augment_name
     raise SystemExit(f'student_kd_cached: {error}')
   t0 = time.perf_counter()
   table = teacher_cache.build_table(*teacher, dataset, pipeline, preprocess, batch_size)
-  table = jax.device_put(table, mesh_lib.replicated(dataset.mesh))
+  table = mesh_lib.replicate(table, dataset.mesh)
   jax.block_until_ready(table)
   return (teacher_cache.CachedTeacher(pipeline.sample), table), time.perf_counter() - t0
 
@@ -171,7 +171,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
   spec = steps.PhaseStep(student_def=student_def, adapter_def=adapter_def, teacher=teacher_def, objective=objective,
                          term_names=term_names, tx=tx, trainable='.*', frozen_bn=True, preprocess=preprocess,
                          first_step=0, steps_per_epoch=dataset.steps_per_epoch(batch_size))
-  state = jax.device_put(state, replicated)
+  state = mesh_lib.replicate(state, mesh)
   return Phase(name=name, train_fn=steps.jit_train_step(spec, replicated),
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
                metrics_template=steps.empty_metrics(spec, replicated),

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from absl import logging
 
+from kdjax import mesh as mesh_lib
 from kdjax import state as state_lib
 from kdjax.errors import UserError
 
@@ -67,7 +68,7 @@ class Checkpoints:
     failed = []
     for step in sorted(self.latest.all_steps(), reverse=True):
       restored, error = _restore(self.latest, step, abstract_for_meta)
-      if _everywhere(error is None):
+      if mesh_lib.all_processes(error is None):
         for bad_step, bad_error in failed:
           self._move_aside(bad_step, bad_error)
         return restored.state, restored.meta
@@ -89,7 +90,7 @@ class Checkpoints:
     if step is None:
       return None
     restored, error = _restore(self.best, step, abstract_for_meta)
-    if not _everywhere(error is None):
+    if not mesh_lib.all_processes(error is None):
       raise UserError(f'{self._workdir} has a best checkpoint (step {step}) that does not restore '
                       f'({type(error).__name__}: {str(error)[:300]}) and no checkpoints/ to resume from, so a fresh '
                       'run could not replace it; pass a new --workdir, or move best/ away to start over')
@@ -129,13 +130,6 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_for_meta) -> tu
         state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore())), None
   except Exception as failure:  # pylint: disable=broad-except
     return None, failure
-
-
-def _everywhere(ok: bool) -> bool:
-  """True when `ok` holds in every process (a checkpoint one process cannot read is unusable for all)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:

@@ -1,10 +1,13 @@
 """A run's datasets, loaded once from any source and placed on the devices, with what the models need to know."""
 import dataclasses
+import hashlib
 import os
 
+import jax
 import numpy as np
 from absl import logging
 
+from kdjax import mesh as mesh_lib
 from kdjax.data import loader, sources
 from kdjax.errors import UserError
 
@@ -50,6 +53,27 @@ def with_channels(split, channels: int):
   return dataclasses.replace(split, images=np.repeat(split.images, channels, axis=-1))
 
 
+def _check_same_everywhere(dataset: str, splits, mean, std) -> None:
+  """Every process loads the splits itself (from its own copy of the files); copies that differ (a partial copy, a
+  file one host could not decode under `on_corrupt='skip'`) would pair different examples across the processes
+  silently, or hang them on different step counts. A hash of what each loaded is compared once, in multi-process
+  runs only."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.blake2b(digest_size=16)
+  for split in splits:
+    if split is not None:
+      for part in (np.ascontiguousarray(split.images), np.ascontiguousarray(split.labels)):
+        digest.update(f'{part.shape}{part.dtype}'.encode())
+        digest.update(memoryview(part).cast('B'))
+      digest.update(repr(tuple(split.class_names)).encode())
+  digest.update(repr((mean, std)).encode())
+  if not mesh_lib.same_everywhere(digest.digest()):
+    raise UserError(f'the processes of this run loaded different data from {dataset}: each process reads its own '
+                    'copy of the files, so make the copies identical on every host (or put them on a shared '
+                    'filesystem); with data.on_corrupt=skip a file one host cannot decode also differs')
+
+
 def load(data_cfg, mesh) -> RunData:
   kwargs = dict(image_size=data_cfg.image_size or None, cache_dir=data_cfg.cache_dir or None,
                 data_dir=data_cfg.data_dir or None, on_corrupt=data_cfg.on_corrupt)
@@ -69,6 +93,7 @@ def load(data_cfg, mesh) -> RunData:
                       data_cfg.dataset, split.images.shape[2], split.images.shape[1], width, height)
   mean, std = channel_stats(train.images) if data_cfg.normalize else ((0.0,) * train.images.shape[-1],
                                                                       (1.0,) * train.images.shape[-1])
+  _check_same_everywhere(data_cfg.dataset, (train, evaluation, heldout), mean, std)
   place = lambda split: loader.ResidentDataset.from_arrays(split.images, split.labels, mesh)
   return RunData(train=place(train), eval=place(evaluation), heldout=place(heldout) if heldout else None,
                  class_names=tuple(train.class_names), image_shape=tuple(train.images.shape[1:]),

@@ -94,7 +94,7 @@ def build_table(teacher, teacher_vars, dataset: loader.ResidentDataset, pipeline
   sharding = mesh_lib.batch_sharded(dataset.mesh)
   num_batches = -(-dataset.num_examples // batch_size)
   rows = np.arange(num_batches * batch_size) % dataset.num_examples  # the last batch wraps around; cut below
-  order = jax.device_put(rows.astype(np.int32), mesh_lib.replicated(dataset.mesh))
+  order = mesh_lib.host_to_mesh(rows.astype(np.int32), mesh_lib.replicated(dataset.mesh))
 
   @jax.jit
   def logits_of(variables, images, labels, order, index, view):
@@ -149,7 +149,9 @@ def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augmen
   folder = os.path.join(cache_lib.cache_root(cache_dir), 'teacher_outputs', key)
   path = os.path.join(folder, 'logits.npy')
   cached = CachedTeacher(sample_views=pipeline.sample)
-  if os.path.exists(path):
+  # Load only where every process finds the table (a per-host cache dir may hold it on some hosts only): building
+  # runs collectives, so the processes must all build or all load.
+  if mesh_lib.all_processes(os.path.exists(path)):
     logging.info('teacher cache: loading %s', path)
     table = np.load(path)
   else:
@@ -159,4 +161,4 @@ def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augmen
     if jax.process_index() == 0:
       with cache_lib.publish(folder) as temp:
         np.save(os.path.join(temp, 'logits.npy'), table)
-  return cached, jax.device_put(table, mesh_lib.replicated(dataset.mesh))
+  return cached, mesh_lib.replicate(table, dataset.mesh)

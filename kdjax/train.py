@@ -149,7 +149,7 @@ class Run:
     else:
       state = base_state.replace(opt_state=opt_state, loss_args=loss_args,
                                  first_nonfinite_terms=jnp.zeros((num_terms,), bool))
-    return tx, jax.device_put(state, self.replicated)
+    return tx, mesh_lib.replicate(state, self.data.train.mesh)
 
   def evaluate(self, state, dataset) -> dict[str, float]:
     total = steps.evaluate(self.eval_program, state.params, state.model_state, self.teacher_vars, dataset,
@@ -276,7 +276,7 @@ def restore_or_init(run: Run, checkpoints: ckpt_lib.Checkpoints):
     return 0, tx, state, -1.0, {}
   state, meta = restored
   logging.info('resumed from step %d (phase %s)', int(state.step), run.plan.names[meta['phase']])
-  return (meta['phase'], run.phase_state(meta['phase'])[0], jax.device_put(state, run.replicated),
+  return (meta['phase'], run.phase_state(meta['phase'])[0], mesh_lib.replicate(state, run.data.train.mesh),
           meta['best_top1'], meta.get('clock', {}))
 
 

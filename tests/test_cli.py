@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from kdjax.errors import UserError
 from tests.conftest import ROOT, TINY, run_main
 
 
@@ -199,10 +200,56 @@ def test_a_launcher_completes_a_partial_multi_process_environment(monkeypatch):
   from kdjax import mesh
   calls = []
   monkeypatch.setattr(mesh.jax.distributed, 'initialize', lambda *args, **kwargs: calls.append(kwargs))
-  monkeypatch.setenv('SLURM_NTASKS', '2')
+  _srun_task(monkeypatch)
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', '10.0.0.1:1234')
   monkeypatch.delenv('JAX_NUM_PROCESSES', raising=False)
   monkeypatch.delenv('JAX_PROCESS_ID', raising=False)
   monkeypatch.setattr(mesh.jax.config, 'update', lambda *args: None)  # the collectives of a backend already built
   mesh.maybe_initialize_distributed()
   assert calls == [{}]
+
+
+def _srun_task(monkeypatch):
+  """The variables srun sets for task 0 of 2 (an allocation alone sets SLURM_JOB_ID and SLURM_NTASKS)."""
+  for name, value in (('SLURM_JOB_ID', '7'), ('SLURM_NTASKS', '2'), ('SLURM_STEP_NODELIST', 'node[1-2]'),
+                      ('SLURM_PROCID', '0'), ('SLURM_LOCALID', '0')):
+    monkeypatch.setenv(name, value)
+
+
+def _no_launch_variables(monkeypatch):
+  for name in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID',
+               'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'OMPI_MCA_orte_hnp_uri', 'JAX_COORDINATOR_ADDRESS',
+               'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(name, raising=False)
+
+
+def test_a_slurm_allocation_without_srun_runs_one_process(monkeypatch):
+  """`python main.py` in an `salloc -n 4` shell is one process: joining a 4-process run would fail (no step nodes)."""
+  from kdjax import mesh
+  _no_launch_variables(monkeypatch)
+  monkeypatch.setenv('SLURM_JOB_ID', '7')
+  monkeypatch.setenv('SLURM_NTASKS', '4')
+  monkeypatch.setattr(mesh.jax.distributed, 'initialize', lambda *a, **k: pytest.fail('joined a multi-process run'))
+  mesh.maybe_initialize_distributed()
+
+
+def test_open_mpi_5_asks_for_the_explicit_variables(monkeypatch):
+  from kdjax import mesh
+  _no_launch_variables(monkeypatch)
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')
+  monkeypatch.setenv('OMPI_COMM_WORLD_RANK', '1')
+  with pytest.raises(UserError, match='JAX_PROCESS_ID=\\$OMPI_COMM_WORLD_RANK'):
+    mesh.maybe_initialize_distributed()
+
+
+def test_a_launch_jax_cannot_read_is_one_user_error(monkeypatch):
+  from kdjax import mesh
+
+  def refuse(**kwargs):
+    raise ValueError('coordinator_address should be defined.')
+  _no_launch_variables(monkeypatch)
+  _srun_task(monkeypatch)
+  monkeypatch.setattr(mesh.jax.distributed, 'initialize', refuse)
+  monkeypatch.setattr(mesh.jax.config, 'update', lambda *args: None)
+  with pytest.raises(UserError, match='coordinator_address should be defined.*set JAX_COORDINATOR_ADDRESS'):
+    mesh.maybe_initialize_distributed()

@@ -478,3 +478,29 @@ def test_compact_copy_of_one_split_with_nested_class_folders(tmp_path, cache_dir
   assert compact.compact(str(tmp_path / 'src'), out, size=4) == (2, 0)
   copy = load_split(out, 'train', cache_dir=cache_dir)
   assert copy.class_names == ('cat', 'dog') and sorted(copy.labels.tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize('other_differs', [False, True])
+def test_processes_that_loaded_different_data_stop_together(tmp_path, cache_dir, monkeypatch, other_differs):
+  """Each process of a multi-process run loads its own copy of the files; copies that differ are one UserError
+  (on every process: the hashes are gathered, so each sees the mismatch). The second process is simulated."""
+  import jax
+  from jax.experimental import multihost_utils
+  root = make_tree(tmp_path / 'tree')
+  cfg = config_lib.base_config().data
+  cfg.dataset, cfg.cache_dir, cfg.eval_split = root, cache_dir, 'test'
+  gathered = []
+
+  def allgather(mine):
+    other = mine.copy()
+    other[0] ^= other_differs
+    gathered.append(mine)
+    return np.stack([mine, other])
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  if other_differs:
+    with pytest.raises(UserError, match='loaded different data.*make the copies identical'):
+      run_data.load(cfg, mesh_lib.make_data_mesh())
+  else:
+    assert run_data.load(cfg, mesh_lib.make_data_mesh()).num_classes == len(CLASSES)
+  assert len(gathered) == 1 and gathered[0].shape == (16,)

@@ -142,3 +142,33 @@ def test_table_key_follows_the_teachers_structure_and_skips_its_rng_keys():
   own = key_of(None)
   assert key_of(None) == own
   assert key_of(((0.4,) * 3, (0.2,) * 3)) != own
+
+
+def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypatch):
+  """A per-host cache dir may hold the table on some hosts only. Building runs collectives, so when any process
+  lacks the table every process builds it (the other processes' answer is simulated here)."""
+  mesh = mesh_lib.make_data_mesh()
+  rng = np.random.default_rng(2)
+  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+                                            rng.integers(0, 10, (16,)), mesh)
+  graphdef, variables = nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0)))
+  teacher, variables = steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
+  preprocess = steps.Preprocess(
+      augment=None, evaluate=lambda x: augment.eval_transform(x, image_size=8), mean=(0.5,) * 3, std=(0.25,) * 3,
+      dtype=np.float32, image_size=8)
+  built, build = [], teacher_cache.build_table
+
+  def counted(*args):
+    built.append(1)
+    return build(*args)
+  monkeypatch.setattr(teacher_cache, 'build_table', counted)
+  load = lambda: teacher_cache.load_or_build(teacher, variables, data, 'flip', preprocess, 8, str(tmp_path))
+  _, first = load()
+  assert len(built) == 1
+  load()
+  assert len(built) == 1  # every process (the only one) has it: loaded
+  answers = []
+  monkeypatch.setattr(mesh_lib, 'all_processes', lambda ok: answers.append(ok) or False)  # another host lacks it
+  _, rebuilt = load()
+  assert answers == [True] and len(built) == 2
+  np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(first))

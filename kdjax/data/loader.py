@@ -26,15 +26,6 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
 
 
-def _host_to_mesh(value: np.ndarray, sharding) -> jax.Array:
-  """A global array from a host array every process holds whole: each process fills only its own devices.
-
-  `make_array_from_callback` asks this process for its addressable shards only, which is what multi-process
-  placement needs; in one process it is a plain host-to-device copy.
-  """
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 def _take(table, rows, sharding):
   """table[rows] laid out like `rows`: with `rows` sharded and `table` replicated, each device gathers its own rows."""
   return jax.lax.with_sharding_constraint(table[rows], sharding)
@@ -67,8 +58,8 @@ class ResidentDataset:
   def from_arrays(cls, images: np.ndarray, labels: np.ndarray, mesh) -> 'ResidentDataset':
     """Every process passes the same arrays (each loads the split itself); each places them on its devices."""
     replicated = mesh_lib.replicated(mesh)
-    return cls(images=_host_to_mesh(np.asarray(images), replicated),
-               labels=_host_to_mesh(np.asarray(labels, dtype=np.int32), replicated),
+    return cls(images=mesh_lib.host_to_mesh(np.asarray(images), replicated),
+               labels=mesh_lib.host_to_mesh(np.asarray(labels, dtype=np.int32), replicated),
                num_examples=len(labels), mesh=mesh)
 
   def steps_per_epoch(self, batch_size: int) -> int:
@@ -77,7 +68,7 @@ class ResidentDataset:
 
   def epoch_order(self, seed: int, epoch: int) -> jax.Array:
     """The epoch's order on every device: one copy per epoch, then each step slices it on the device."""
-    return _host_to_mesh(epoch_permutation(seed, epoch, self.num_examples), mesh_lib.replicated(self.mesh))
+    return mesh_lib.host_to_mesh(epoch_permutation(seed, epoch, self.num_examples), mesh_lib.replicated(self.mesh))
 
   def train_batch(self, order: jax.Array, index: int, batch_size: int) -> dict[str, jax.Array]:
     """Batch `index` of an epoch's order, sharded over the data axis."""
