@@ -129,8 +129,16 @@ def _check(cfg, workdir):
   import jax
   from kdjax import config as config_lib
   config_lib.validate(cfg, jax.device_count())
-  return dict(workdir=workdir, suite=cfg.suite, student=cfg.student.name, schedule=list(cfg.schedule),
-              dataset=cfg.data.dataset)
+  checked = dict(workdir=workdir, suite=cfg.suite, student=cfg.student.name, schedule=list(cfg.schedule),
+                 dataset=cfg.data.dataset)
+  # Valid, but a run would stop at its start: say so now (a teacher trained later in the queue is fine).
+  external = cfg.suite != 'kd_comparison' and config_lib.uses_teacher(cfg)
+  missing = [w for w in config_lib.teacher_workdirs(cfg) if external and not os.path.isdir(w)]
+  if missing:
+    logging.warning('teacher.workdir %s does not exist yet: train the teacher before running this config',
+                    ', '.join(missing))
+    checked['teacher_not_found'] = missing
+  return checked
 
 
 # Where a machine keeps data and caches: taken from a run's record only where that folder exists here (the record

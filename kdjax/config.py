@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from kdjax import plugins as plugins_lib
 from kdjax.errors import UserError
 
 
@@ -65,11 +66,20 @@ def phase(epochs: float, losses: dict, opt: ml_collections.ConfigDict | None = N
       optimizer=copy.deepcopy(opt) if opt is not None else optimizer()))
 
 
+def use_plugins(cfg: ml_collections.ConfigDict, *modules: str) -> ml_collections.ConfigDict:
+  """Import `modules` (which register models or loss terms) and record them in `cfg.plugins`, so the run's
+  config.json and export name them for whatever rebuilds its models later (`kdjax.plugins`). Returns `cfg`."""
+  plugins_lib.load(modules)
+  cfg.plugins = tuple(dict.fromkeys((*cfg.plugins, *modules)))
+  return cfg
+
+
 def base_config() -> ml_collections.ConfigDict:
   """The full schema with defaults: a CE run of `cnn2` on the bundled digits."""
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.suite = 'single'         # kdjax.suites.SUITES: single | kd_comparison | repeats | sweep
+  cfg.plugins = ()             # modules registering the config's own models / loss terms (see use_plugins)
   cfg.data = ml_collections.ConfigDict(dict(
       dataset='digits',        # tfds name, image-folder path or .tar.gz path
       train_split='train',     # tfds-style slicing works for every source: 'train[:25%]'
@@ -378,6 +388,7 @@ def _check_regex(key: str, pattern: str) -> None:
 def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raise a UserError naming the fix for the first problem in `cfg`."""
   _check_known_keys(cfg, base_config())
+  plugins_lib.load(cfg.plugins)  # before their model names and loss kinds are checked
   _check_regex('init.keep_fresh', cfg.init.keep_fresh)
   _check_no_shared_nodes(cfg)
   for key, choices_fn in _CHOICES.items():

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, serialization, traverse_util
 from PIL import Image
 
+from kdjax import plugins
 from kdjax.data import images as decoding
 from kdjax.errors import UserError
 from kdjax.models import create_model
@@ -132,7 +133,7 @@ def run_spec(workdir: str) -> dict:
                     'pass the --workdir of a training run') from None
   student = config['student']
   return dict(model=student['name'], model_kwargs={k: v for k, v in student.items() if k != 'name'},
-              compute_dtype=config.get('compute_dtype', 'float32'), **data)
+              compute_dtype=config.get('compute_dtype', 'float32'), plugins=list(config.get('plugins', ())), **data)
 
 
 # The input normalisation of torchvision's (and timm's ResNet/VGG) ImageNet weights, on [0, 1] pixels.
@@ -161,6 +162,7 @@ def read_json(path: str) -> dict:
 
 def _build(spec: dict) -> nnx.Module:
   """The run's model, computing in the run's dtype, so that eval and predict give the training run's outputs."""
+  plugins.load(spec.get('plugins', ()))  # the modules that registered a user's own model
   return create_model(spec['model'], num_classes=len(spec['class_names']), image_shape=tuple(spec['image_shape']),
                       rngs=nnx.Rngs(0), dtype=jnp.dtype(spec.get('compute_dtype', 'float32')),
                       **spec['model_kwargs'])

@@ -1,9 +1,10 @@
 """Distillation losses as pure functions of JAX arrays.
 
 Every function here takes arrays and keyword-only hyper-parameters and returns a float32 scalar. There are no
-modules and no state, so a trainer can combine, `jit` and differentiate them freely, and a config can name them
-through `LOSSES`. The one piece of state a method needs (the memory bank of CRD) is threaded through the pure
-`update_memory`, which the trainer keeps in its own state.
+modules and no state, so a trainer can combine, `jit` and differentiate them freely. A config names them through
+the loss terms of `kdjax.objective.TERMS`, which say which model outputs feed each. The one piece of state a method
+needs (the memory bank of CRD) is threaded through the pure `update_memory`, which the trainer keeps in its own
+state.
 
 Conventions shared by all losses:
 
@@ -18,13 +19,11 @@ Conventions shared by all losses:
 * Logits are (N, K), labels are integer class indices of shape (N,), feature maps are NHWC (N, H, W, C) or (N, D).
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
 __all__ = [
-    'LOSSES',
+    'ShapeError',
     'attention_transfer',
     'crd_nce',
     'cross_entropy',
@@ -53,6 +52,10 @@ _MASK_VALUE = -1e9
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class ShapeError(ValueError):
+  """The inputs' shapes do not fit the loss (e.g. feature maps of different spatial sizes)."""
+
+
 def _f32(x) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
 
@@ -67,27 +70,27 @@ def _einsum(spec: str, *operands: jax.Array) -> jax.Array:
 
 def _check_same_shape(what: str, student: jax.Array, teacher: jax.Array) -> None:
   if student.shape != teacher.shape:
-    raise ValueError(
+    raise ShapeError(
         f'{what}: student shape {tuple(student.shape)} does not match teacher shape {tuple(teacher.shape)}; '
         'project one side (e.g. with a learned regressor) so the shapes agree.')
 
 
 def _check_logits(what: str, student: jax.Array, teacher: jax.Array) -> None:
   if student.ndim != 2:
-    raise ValueError(f'{what}: logits must have shape (N, K), got student shape {tuple(student.shape)}.')
+    raise ShapeError(f'{what}: logits must have shape (N, K), got student shape {tuple(student.shape)}.')
   _check_same_shape(what, student, teacher)
 
 
 def _check_labels(what: str, logits: jax.Array, labels: jax.Array) -> None:
   if labels.shape != logits.shape[:1]:
-    raise ValueError(
+    raise ShapeError(
         f'{what}: labels must be class indices of shape ({logits.shape[0]},) to match logits shape '
         f'{tuple(logits.shape)}, got labels shape {tuple(labels.shape)}.')
 
 
 def _check_same_batch(what: str, student: jax.Array, teacher: jax.Array) -> None:
   if student.ndim < 2 or teacher.ndim < 2 or student.shape[0] != teacher.shape[0]:
-    raise ValueError(
+    raise ShapeError(
         f'{what}: student shape {tuple(student.shape)} and teacher shape {tuple(teacher.shape)} must both be '
         '(N, ...) with the same batch size N.')
 
@@ -156,7 +159,7 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0) -> jax.Array:
   logits = _f32(logits)
   labels = jnp.asarray(labels)
   if logits.ndim != 2:
-    raise ValueError(f'cross_entropy: logits must have shape (N, K), got {tuple(logits.shape)}.')
+    raise ShapeError(f'cross_entropy: logits must have shape (N, K), got {tuple(logits.shape)}.')
   _check_labels('cross_entropy', logits, labels)
   num_classes = logits.shape[-1]
   log_p = jax.nn.log_softmax(logits, axis=-1)
@@ -415,7 +418,7 @@ def attention_transfer(student_features, teacher_features, *, p: float = 2) -> j
   s = _f32(student_features)
   t = _f32(teacher_features)
   if s.ndim < 3 or s.shape[:-1] != t.shape[:-1]:
-    raise ValueError(
+    raise ShapeError(
         f'attention_transfer: student shape {tuple(s.shape)} and teacher shape {tuple(t.shape)} must be '
         'feature maps (N, H, W, C) with the same N, H and W (channels may differ); resize one side first.')
   diff = _attention_map(s, p) - _attention_map(t, p)
@@ -607,15 +610,15 @@ def crd_nce(
   rows_s = l2_normalize(_f32(student_rows))
   rows_t = l2_normalize(_f32(teacher_rows))
   if s.ndim != 2 or s.shape != t.shape:
-    raise ValueError(
+    raise ShapeError(
         f'crd_nce: student_emb shape {tuple(s.shape)} and teacher_emb shape {tuple(t.shape)} must both be '
         '(N, D); project both into the same embedding size first.')
   n, d = s.shape
   for name, rows in (('student_rows', rows_s), ('teacher_rows', rows_t)):
     if rows.ndim != 3 or rows.shape[0] != n or rows.shape[1] < 2 or rows.shape[2] != d:
-      raise ValueError(f'crd_nce: {name} must have shape ({n}, 1 + K, {d}) with K >= 1, got {tuple(rows.shape)}.')
+      raise ShapeError(f'crd_nce: {name} must have shape ({n}, 1 + K, {d}) with K >= 1, got {tuple(rows.shape)}.')
   if valid is not None and tuple(valid.shape) != (n, rows_s.shape[1] - 1):
-    raise ValueError(f'crd_nce: valid must have shape ({n}, {rows_s.shape[1] - 1}), got {tuple(valid.shape)}.')
+    raise ShapeError(f'crd_nce: valid must have shape ({n}, {rows_s.shape[1] - 1}), got {tuple(valid.shape)}.')
   return (_info_nce(s, rows_t[:, 0], rows_t[:, 1:], nce_t, valid)
           + _info_nce(t, rows_s[:, 0], rows_s[:, 1:], nce_t, valid))
 
@@ -640,28 +643,8 @@ def update_memory(memory, indices, embeddings, *, momentum: float = 0.5) -> jax.
   memory = jnp.asarray(memory)
   new_rows = jax.lax.stop_gradient(_f32(embeddings))
   if new_rows.ndim != 2 or new_rows.shape[1:] != memory.shape[1:]:
-    raise ValueError(
+    raise ShapeError(
         f'update_memory: embeddings shape {tuple(new_rows.shape)} does not fit memory shape {tuple(memory.shape)}.')
   old_rows = memory[indices].astype(jnp.float32)
   rows = l2_normalize(momentum * old_rows + (1.0 - momentum) * new_rows, axis=-1)
   return memory.at[indices].set(rows.astype(memory.dtype))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Registry.
-# ---------------------------------------------------------------------------------------------------------------
-
-LOSSES: dict[str, Callable[..., jax.Array]] = {
-    'ce': cross_entropy,
-    'kd': kd_divergence,
-    'hinton_kd': hinton_kd,
-    'feature_mse': feature_mse,
-    'sp': similarity_preserving,
-    'at': attention_transfer,
-    'rkd': relational_kd,
-    'pkt': pkt,
-    'crd': crd_nce,
-    'dkd': dkd,
-    'dist': dist,
-    'lskd': logit_standardized_kd,
-}

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdjax import losses
+from kdjax import registries
 from kdjax.errors import UserError
 
 
@@ -74,8 +75,11 @@ def _adapted(args, student_out, teacher_out, adapters):
   return student, teacher
 
 
-def _feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
-  """A term on one student and one teacher feature map (by stage index; -1 = the last, the head's input)."""
+def feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
+  """A term on one student and one teacher feature map (by stage index; -1 = the last, the head's input):
+  `loss_fn(student_map, teacher_map, **extra)`. Its arguments are `student_stage`, `teacher_stage`, `adapter`
+  ('auto' with `same_channels`: a learned 1x1 map where channel counts differ; else 'never'), `pool` when given
+  ('avg': global average pooling of both maps first) and `extra_defaults`, which configs may set."""
   defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else 'never', **extra_defaults)
   if pool is not None:
     defaults['pool'] = pool
@@ -84,7 +88,9 @@ def _feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
       defaults=defaults, needs_teacher=True, uses_features=True, same_channels=same_channels, checks=_ADAPTER)
 
 
-def _logit_term(loss_fn, with_labels=False, checks=None, **defaults):
+def logit_term(loss_fn, with_labels=False, checks=None, **defaults):
+  """A term on the logits: `loss_fn(student_logits, teacher_logits[, labels], **args)`; `defaults` are its
+  arguments (configs may set them), `checks` {argument: value -> error message or None}."""
   def compute(a, s, t, y, ad, epoch):
     return loss_fn(s[0], t[0], y, **a) if with_labels else loss_fn(s[0], t[0], **a)
   return Term(compute=compute, defaults=defaults, needs_teacher=True, checks=checks or {})
@@ -144,20 +150,20 @@ TERMS: dict[str, Term] = {
     'ce': Term(compute=lambda a, s, t, y, ad, epoch: losses.cross_entropy(s[0], y, **a),
                defaults=dict(label_smoothing=0.0), needs_teacher=False,
                checks=dict(label_smoothing=_unit_interval('label_smoothing'))),
-    'hinton_kd': _logit_term(losses.hinton_kd, with_labels=True, alpha=0.5, temperature=4.0,
+    'hinton_kd': logit_term(losses.hinton_kd, with_labels=True, alpha=0.5, temperature=4.0,
                              checks=dict(alpha=_unit_interval('alpha'), **_TEMPERATURE)),
-    'kd': _logit_term(losses.kd_divergence, temperature=4.0, checks=_TEMPERATURE),
+    'kd': logit_term(losses.kd_divergence, temperature=4.0, checks=_TEMPERATURE),
     'dkd': Term(compute=_dkd, defaults=dict(alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0.0),
                 needs_teacher=True,
                 checks=dict(warmup_epochs=lambda v: None if v >= 0 else f'`warmup_epochs` must be >= 0, got {v}',
                             **_TEMPERATURE)),
-    'dist': _logit_term(losses.dist, beta=1.0, gamma=1.0, temperature=1.0, checks=_TEMPERATURE),
-    'lskd': _logit_term(losses.logit_standardized_kd, temperature=2.0, checks=_TEMPERATURE),
-    'feature_mse': _feature_term(losses.feature_mse, same_channels=True),   # FitNets hints / stage matching
-    'sp': _feature_term(losses.similarity_preserving),
-    'at': _feature_term(losses.attention_transfer, p=2),
-    'rkd': _feature_term(losses.relational_kd, pool='avg', distance_weight=25.0, angle_weight=50.0),
-    'pkt': _feature_term(losses.pkt, pool='avg'),
+    'dist': logit_term(losses.dist, beta=1.0, gamma=1.0, temperature=1.0, checks=_TEMPERATURE),
+    'lskd': logit_term(losses.logit_standardized_kd, temperature=2.0, checks=_TEMPERATURE),
+    'feature_mse': feature_term(losses.feature_mse, same_channels=True),   # FitNets hints / stage matching
+    'sp': feature_term(losses.similarity_preserving),
+    'at': feature_term(losses.attention_transfer, p=2),
+    'rkd': feature_term(losses.relational_kd, pool='avg', distance_weight=25.0, angle_weight=50.0),
+    'pkt': feature_term(losses.pkt, pool='avg'),
     # Contrastive representation distillation, with its memory banks in the train state (see `_crd`).
     'crd': Term(compute=_crd, defaults=dict(student_stage=-1, teacher_stage=-1, embed_dim=128, negatives=4096,
                                             nce_t=0.07, momentum=0.5),
@@ -165,6 +171,19 @@ TERMS: dict[str, Term] = {
                 checks=dict(embed_dim=_positive('embed_dim'), negatives=_positive('negatives'),
                             nce_t=_positive('nce_t'), momentum=_unit_interval('momentum'))),
 }
+
+
+_ORIGINS: dict[str, str] = {kind: __file__ for kind in TERMS}  # kind -> the file that registered it
+
+
+def register_term(kind: str, term: Term) -> Term:
+  """Adds a loss term kind that configs can name (`loss_term(kind, weight=..., ...)`); returns `term`.
+
+  Build it with `logit_term(fn, ...)` for a function of (student logits, teacher logits[, labels]) or
+  `feature_term(fn, ...)` for one of (student map, teacher map), or a `Term` of your own. A kind another file
+  registered raises `ValueError` (see `kdjax.registries`)."""
+  registries.add(TERMS, _ORIGINS, kind, term, what='loss term kind', origin=registries.caller_file())
+  return term
 
 
 def check_term(term_cfg, path: str) -> None:
@@ -312,11 +331,18 @@ def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
         traced = dict(loss_args[name])
         weight = traced.pop('weight')
         args = {**args, **traced}
-      if term.init_memory is None:
-        values[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch)
-      else:
-        values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch,
-                                                  memory[name], index, jax.random.fold_in(key, position))
+      try:
+        if term.init_memory is None:
+          values[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch)
+        else:
+          values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch,
+                                                    memory[name], index, jax.random.fold_in(key, position))
+      except losses.ShapeError as error:  # raised while tracing: the models' shapes, not the data, are at fault
+        shapes = lambda out: ', '.join(f'{i}: {tuple(f.shape[1:])}' for i, f in enumerate(out[1]))
+        raise UserError(f'loss term `{name}` cannot compare the outputs the config feeds it ({error}) The '
+                        f'student\'s stage maps are {shapes(student_out)}; the teacher\'s {shapes(teacher_out)}: '
+                        f'set its student_stage / teacher_stage (`losses.{name}` in the phase) to maps of one '
+                        'spatial size, or choose another student') from None
       total = total + weight * values[name]
     return total, values, memory
 

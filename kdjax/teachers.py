@@ -19,6 +19,7 @@ from flax import nnx
 from kdjax import checkpoint as ckpt_lib
 from kdjax import config as config_lib
 from kdjax import export
+from kdjax import plugins
 from kdjax.errors import UserError
 from kdjax.models import create_model
 from kdjax.models.ensemble import Ensemble
@@ -31,6 +32,7 @@ def teacher_architecture(cfg, workdir: str) -> tuple[str, dict]:
   only a name, as `teacher`; a run that records neither (no config.json) is `teacher.name` with default arguments.
   """
   record = export.read_json(os.path.join(workdir, 'config.json'))
+  plugins.load(record.get('plugins', ()))  # the modules that registered the run's model, if it is a user's own
   if 'student' in record:
     trained = dict(record['student'])
   elif 'imported_from' in record:

@@ -58,6 +58,8 @@ def test_check_mode_validates_without_training(tmp_path):
   good = run_main('--config', f'{TINY}:kd', '--workdir', str(workdir), '--mode=check',
                   '--config.teacher.workdir=/not/yet/trained', check=True)
   assert '"check": {"workdir": ' in good.stdout and not workdir.exists()
+  assert '"teacher_not_found": ["/not/yet/trained"]' in good.stdout
+  assert 'teacher.workdir /not/yet/trained does not exist yet' in good.stderr
 
 
 def test_a_misspelled_key_without_config_is_one_clear_line(tmp_path):

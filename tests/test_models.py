@@ -270,6 +270,7 @@ def test_too_small_image_is_user_error(name, size):
 
 def test_register_model(monkeypatch):
   monkeypatch.setattr(registry, 'MODELS', dict(registry.MODELS))
+  monkeypatch.setattr(registry, '_ORIGINS', dict(registry._ORIGINS))
 
   @register_model('tiny_mlp')
   def tiny_mlp(**kwargs):
@@ -277,5 +278,12 @@ def test_register_model(monkeypatch):
 
   model = create_model('tiny_mlp', num_classes=3, image_shape=(2, 2, 1), rngs=nnx.Rngs(0))
   assert model.stage_channels == (4, 4)
-  with pytest.raises(ValueError, match='twice'):
-    register_model('tiny_mlp', tiny_mlp)
+  # The same file registering it again (a config file run twice) replaces it; another file may not.
+  wider = lambda **kwargs: registry.MODELS['mlp2'](hidden=6, **kwargs)
+  register_model('tiny_mlp', wider)
+  assert registry.MODELS['tiny_mlp'] is wider
+  with pytest.raises(ValueError, match="'tiny_mlp' is registered twice: in .*test_models.py and in other_plugin.py"):
+    exec(compile("register_model('tiny_mlp', f)", 'other_plugin.py', 'exec'),
+         {'register_model': register_model, 'f': tiny_mlp})
+  with pytest.raises(ValueError, match="'cnn2' is registered twice"):
+    register_model('cnn2', tiny_mlp)

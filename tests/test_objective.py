@@ -153,3 +153,38 @@ def test_pooled_features_are_float32_means_of_bfloat16_maps():
   pooled = objective_lib._global_pool(maps)
   assert pooled.dtype == jnp.float32
   np.testing.assert_allclose(pooled, np.asarray(maps, np.float64).mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_a_registered_term_kind_is_a_config_loss(monkeypatch):
+  """A user's loss, registered once, is named by configs like the built-in ones: its arguments take defaults and
+  checks, and the objective feeds it the maps its config chooses."""
+  monkeypatch.setattr(objective_lib, 'TERMS', dict(objective_lib.TERMS))
+  monkeypatch.setattr(objective_lib, '_ORIGINS', dict(objective_lib._ORIGINS))
+  l1 = lambda s, t, *, scale: scale * jnp.mean(jnp.abs(s.astype(jnp.float32) - t.astype(jnp.float32)))
+  objective_lib.register_term('l1_maps', objective_lib.feature_term(l1, scale=2.0))
+  phase = config_lib.phase(1, {'mine': config_lib.loss_term('l1_maps', weight=0.5, student_stage=0,
+                                                            teacher_stage=0)})
+  assert dict(phase.losses.mine) == dict(kind='l1_maps', weight=0.5, student_stage=0, teacher_stage=0,
+                                         adapter='never', scale=2.0)
+  student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 16))
+  objective, names = objective_lib.build_objective(phase.losses)
+  total, terms, _ = objective(student, teacher, None, objective_lib.Adapters({}, rngs=nnx.Rngs(0)), 0)
+  expected = 2.0 * np.mean(np.abs(np.asarray(student[1][0]) - np.asarray(teacher[1][0])))
+  assert names == ('mine',)
+  np.testing.assert_allclose(float(terms['mine']), expected, rtol=1e-6)
+  np.testing.assert_allclose(float(total), 0.5 * expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="loss term kind 'kd' is registered twice"):
+    objective_lib.register_term('kd', objective_lib.logit_term(l1, scale=1.0))
+
+
+def test_maps_of_different_spatial_sizes_are_one_user_error_listing_the_stages():
+  """A student whose stage 1 is 8x8 against a teacher's 4x4: one UserError naming the term and every map's shape,
+  not a ValueError deep inside the traced step."""
+  student = (jnp.zeros((2, 10)), (jnp.zeros((2, 16, 16, 8)), jnp.zeros((2, 8, 8, 16))))
+  teacher = (jnp.zeros((2, 10)), (jnp.zeros((2, 8, 8, 8)), jnp.zeros((2, 4, 4, 16))))
+  phase = config_lib.phase(1, {'hint': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1)})
+  objective, _ = objective_lib.build_objective(phase.losses)
+  with pytest.raises(UserError, match=r'loss term `hint` cannot compare .*\(2, 8, 8, 16\).*\(2, 4, 4, 16\).*'
+                                      r'stage maps are 0: \(16, 16, 8\), 1: \(8, 8, 16\); the teacher\'s 0: '
+                                      r'\(8, 8, 8\), 1: \(4, 4, 16\): set its student_stage'):
+    jax.jit(lambda s, t: objective(s, t, None, objective_lib.Adapters({}, rngs=nnx.Rngs(0)), 0))(student, teacher)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from kdjax import registries
 from kdjax.errors import UserError
 
 # Every constructor takes `num_classes=`, `image_shape=`, `rngs=`, `dtype=` and optional architecture keywords, and
@@ -19,20 +20,20 @@ from kdjax.errors import UserError
 ModelConstructor = Callable[..., nnx.Module]
 
 MODELS: dict[str, ModelConstructor] = {}
+_ORIGINS: dict[str, str] = {}  # name -> the file that registered it
 
 
 def register_model(name: str, constructor: ModelConstructor | None = None):
   """Adds `constructor` to `MODELS` under `name`.
 
   Works as a decorator (`@register_model('cnn2')`) or, for variants that only fix keyword arguments, as a call
-  (`register_model('resnet18', functools.partial(ResNet, ...))`) so that each variant stays one line. A duplicate name
-  is a programming error (two files fighting over a name), so it raises `ValueError`, not `UserError`.
+  (`register_model('resnet18', functools.partial(ResNet, ...))`) so that each variant stays one line. A name another
+  file registered is a programming error, so it raises `ValueError`, not `UserError` (see `kdjax.registries`).
   """
+  origin = registries.caller_file()
 
   def add(fn: ModelConstructor) -> ModelConstructor:
-    if name in MODELS:
-      raise ValueError(f'model {name!r} is registered twice')
-    MODELS[name] = fn
+    registries.add(MODELS, _ORIGINS, name, fn, what='model', origin=origin)
     return fn
 
   return add if constructor is None else add(constructor)

@@ -1,0 +1,73 @@
+"""A user's own model and loss term, registered in a plugin module outside kdjax: a config trains with them, and a
+later process that knows nothing of the plugin (an export, a Predictor) rebuilds the model from what the run
+recorded."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kdjax import plugins
+from kdjax.errors import UserError
+from tests.conftest import ROOT, run_main
+
+PLUGIN = '''
+import jax.numpy as jnp
+from kdjax import objective
+from kdjax.models import register_model, registry
+
+
+@register_model('plugin_mlp')
+def plugin_mlp(**kwargs):
+  return registry.MODELS['mlp2'](**kwargs)
+
+
+objective.register_term('logit_l2', objective.Term(
+    compute=lambda a, s, t, y, ad, epoch: a['scale'] * jnp.mean(jnp.square(s[0].astype(jnp.float32))),
+    defaults=dict(scale=1e-3), needs_teacher=False))
+'''
+
+CONFIG = '''
+from kdjax import config as config_lib
+from tests.tiny_configs import tiny
+
+
+def get_config():
+  cfg = tiny.get_config('ce')
+  config_lib.use_plugins(cfg, 'kdjax_test_plugin')
+  cfg.student = dict(name='plugin_mlp', hidden=16)
+  cfg.phases.train.epochs = 1
+  cfg.phases.train.losses = {'ce': config_lib.loss_term('ce'),
+                             'l2': config_lib.loss_term('logit_l2', weight=0.5, scale=0.01)}
+  return cfg
+'''
+
+
+def test_a_plugin_model_and_loss_train_and_export(tmp_path):
+  (tmp_path / 'kdjax_test_plugin.py').write_text(PLUGIN)
+  (tmp_path / 'plugin_config.py').write_text(CONFIG)
+  workdir = str(tmp_path / 'run')
+  env = {'PYTHONPATH': os.pathsep.join([str(tmp_path), ROOT])}
+  run_main('--config', str(tmp_path / 'plugin_config.py'), '--workdir', workdir, env=env, check=True)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['plugins'] == ['kdjax_test_plugin']
+  with open(os.path.join(workdir, 'history.json')) as f:
+    assert any('train/l2' in row for row in json.load(f))
+  # A fresh process that never imports the plugin itself: the export records it, the Predictor imports it.
+  script = textwrap.dedent(f'''
+      from kdjax import export
+      folder = export.export_run({workdir!r})
+      predictor = export.Predictor.load(folder)
+      print(predictor.spec['model'], predictor.spec['plugins'])
+  ''')
+  done = subprocess.run([sys.executable, '-c', script], cwd=str(tmp_path), capture_output=True, text=True,
+                        env={**os.environ, **env}, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ['plugin_mlp', "['kdjax_test_plugin']"]
+
+
+def test_a_missing_plugin_is_one_user_error():
+  with pytest.raises(UserError, match="plugin module 'no_such_kdjax_plugin' cannot be imported.*PYTHONPATH"):
+    plugins.load(['no_such_kdjax_plugin'])
