@@ -13,6 +13,11 @@ Commands, the teacher first (each student reads the workdir its teacher command 
   python main.py --config configs/cifar100_benchmark.py:teacher,cifar10 && ... :kd,cifar10   # on CIFAR-10
 CRD contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`), on every dataset. Not yet run on a
 GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
+Where this differs from the reference code (RepDistiller, mdistiller): bfloat16 compute (they run float32); the
+student distils from the teacher run's best checkpoint on the test split (RepDistiller's scripts use the last epoch's:
+`--config.teacher.workdir` may name a run stopped where you like); DKD's beta is mdistiller's 8 for this pair (it
+tunes beta per pair: 2 for resnet56 -> resnet20, 6 for vgg13 -> vgg8). Both report the best test accuracy over the
+epochs, so the student is evaluated every epoch, as they do.
 """
 from kdjax.config import base_config, config_args, default_workdir, loss_term, optimizer, phase
 
@@ -47,5 +52,5 @@ def get_config(arg='kd'):
   cfg.phases.train = phase(240, METHOD_LOSSES[method](20), sgd)
   if method == 'crd':
     cfg.phases.train.losses.crd.negatives = 16384  # RepDistiller's; the CPU-sized cifar10_methods keeps 4096
-  cfg.eval_every_epochs = 10.0
+  cfg.eval_every_epochs = 1.0  # the references' best-of-240 evaluations
   return cfg

@@ -5,7 +5,10 @@ Same data, image size, total epoch budget (40) and optimizer as `imagenette_stag
 Arguments (comma-separated): `small` (resnet34_small), `smallest` (plain34_smallest), `subset` (train on
 train[:25%], report the held-out train[25%:] as well; the same quarter for every seed, so a repeat's ± std is over
 initialisations and batch orders, not over subsets), `published` (the published comparison's Adam 1e-4,
-constant), `repeats` (seeds 0,1,2 -> results.md), `smoke`.
+constant, at its batch size 64, so a phase takes its number of steps), `repeats` (seeds 0,1,2 -> results.md),
+`smoke`. What `published` does not copy of that comparison (IvLabs' fastai code): 224 px images (set
+`--config.data.image_size=224` on the 224 px archive), fastai's default augmentation without flips, ImageNet's
+normalisation, reloading each stage phase's best-on-validation weights, and its ImageNet-pretrained teacher.
 """
 from kdjax.config import base_config, config_args, loss_term, optimizer, phase
 from configs.imagenette_teacher import imagenette_data
@@ -41,6 +44,8 @@ def apply_common_args(cfg, args):
   if 'repeats' in args:
     cfg.suite = 'repeats'
     cfg.repeats.seeds = (0, 1, 2)
+  if 'published' in args:
+    cfg.batch_size = 64
   return cfg
 
 

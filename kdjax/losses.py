@@ -409,8 +409,8 @@ def attention_transfer(student_features, teacher_features, *, p: float = 2) -> j
   transfer work across architectures with different activation scales.
 
   The paper writes the loss as the (unsquared) p-norm of the difference of normalised maps. This uses the form of
-  the authors' released code instead: the mean of (a_s - a_t)^2 over batch and positions. The paper's beta/2
-  factor (beta = 1000) belongs in the loss weight of the config.
+  the authors' released code instead: the mean of (a_s - a_t)^2 over batch and positions. The weight to give it is
+  the reference code's 1000 per layer (RepDistiller, mdistiller), not the paper's beta/2 = 500.
 
   Raises:
     ValueError: if the inputs are not (N, ..., C) maps with matching batch and spatial sizes.

@@ -77,3 +77,13 @@ def test_docstring_workdirs_are_where_the_commands_run_by_default():
       assert workdir == config_lib.default_workdir(file, arg), (os.path.basename(path), file, arg, workdir)
       found += 1
   assert found >= 15
+
+
+def test_published_imagenette_variants_take_the_comparisons_optimizer_and_batch():
+  from configs import imagenette_stagewise, imagenette_student
+  for module in (imagenette_student, imagenette_stagewise):
+    cfg = module.get_config('published')
+    assert cfg.batch_size == 64 and module.get_config('').batch_size == 256
+    for name in cfg.schedule:
+      opt = cfg.phases[name].optimizer
+      assert (opt.name, opt.learning_rate, opt.schedule) == ('adam', 1e-4, 'constant'), name

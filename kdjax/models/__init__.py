@@ -25,7 +25,8 @@ Families: torchvision-style ResNets (`resnet`), the CIFAR ResNets of the CIFAR-1
 
 # Importing the architecture modules registers their models.
 from kdjax.models import ensemble, preact_resnet, resnet, resnet_cifar, shufflenet, small, vgg  # noqa: F401
-from kdjax.models.layers import ClassifierHead
+from kdjax.models.layers import ClassifierHead, ConvBNReLU, StagedClassifier
 from kdjax.models.registry import MODELS, create_model, register_model
 
-__all__ = ['MODELS', 'ClassifierHead', 'create_model', 'register_model']
+# What a model of one's own is built from (README: Extending kdjax).
+__all__ = ['MODELS', 'ClassifierHead', 'ConvBNReLU', 'StagedClassifier', 'create_model', 'register_model']
