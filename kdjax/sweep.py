@@ -88,7 +88,11 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
     winner = cells[winner_index]
     logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
     winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
-  return write_sweep_results(workdir, cells)
+  grid = ' × '.join(f'`{key}` ∈ {{{", ".join(map(str, values))}}}' for key, values in parse_grid(cfg.sweep.grid, cfg))
+  intro = [f'# Sweep: {cfg.student.name} on {cfg.data.dataset}', '',
+           f'Grid: {grid}; seeds {", ".join(map(str, cfg.repeats.seeds))}. Eval top-1 on `{cfg.data.eval_split}`: best '
+           'over a run\'s evaluations and last (at its end); each cell: mean ± sample std (ddof 1) over its seeds.', '']
+  return write_sweep_results(workdir, cells, intro)
 
 
 def grid_assignments(cfg) -> list[dict]:
@@ -152,8 +156,11 @@ def finished_summary(child, child_dir):
   return summary
 
 
-def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
-  rows, lines = [], ['| cell | seeds | best eval top-1 (%) | last eval top-1 (%) |', '|---|---|---|---|']
+def write_sweep_results(workdir: str, cells: list[dict], intro=()) -> dict:
+  """results.{md,json,csv} of the sweep's cells; `intro`: the markdown lines above the table (title, grid)."""
+  rows = []
+  lines = [*intro, '| cell | seeds | best eval top-1 (%) | last eval top-1 (%) | best per seed (%) |',
+           '|---|---|---|---|---|']
   winner = best_cell_index(cells)
   for i, cell in enumerate(cells):
     runs = cell['runs'] + cell.get('confirmation', [])  # a row pools every seed the cell ran on
@@ -165,11 +172,13 @@ def write_sweep_results(workdir: str, cells: list[dict]) -> dict:
                      last_mean=last[0], last_std=last[1],
                      **{axis_labels(cell['assignment'])[k]: v for k, v in cell['assignment'].items()}))
     mark = ' **(best)**' if i == winner else ''
+    per_seed = ', '.join('diverged' if 'diverged' in r else report.pct(r['best_eval_top1']) for r in runs)
     if diverged:  # the winner too, when one of its confirmation seeds diverged
-      lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | diverged ({diverged} of {len(runs)} seeds) | — |')
+      lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | diverged ({diverged} of {len(runs)} seeds) | — | '
+                   f'{per_seed} |')
     else:
       lines.append(f'| {cell["cell"]}{mark} | {len(runs)} | {report.pct(best[0])} ± {report.pct(best[1])} | '
-                   f'{report.pct(last[0])} ± {report.pct(last[1])} |')
+                   f'{report.pct(last[0])} ± {report.pct(last[1])} | {per_seed} |')
   results = dict(cells=rows, best_cell=None if winner is None else rows[winner]['cell'],
                  runs={c['cell']: c['runs'] + c.get('confirmation', []) for c in cells})
   confirmed = next((c for c in cells if c.get('confirmation')), None)

@@ -235,7 +235,11 @@ def test_a_diverging_cell_is_reported_and_the_sweep_goes_on(tmp_path):
   assert rows['alpha=0.7']['diverged'] == 1 and rows['alpha=0.7']['best_mean'] is None
   assert rows['alpha=0.5']['diverged'] == 0 and rows['alpha=0.5']['best_mean'] == pytest.approx(0.505)
   assert results['best_cell'] == 'alpha=0.5'
-  assert '| alpha=0.7 | 2 | diverged (1 of 2 seeds) | — |' in open(tmp_path / 'results.md').read()
+  markdown = open(tmp_path / 'results.md').read()
+  assert '| alpha=0.7 | 2 | diverged (1 of 2 seeds) | — | 70.00, diverged |' in markdown
+  assert '| alpha=0.5 **(best)** | 2 | 50.50 ± 0.71 | 50.25 ± 0.35 | 50.00, 51.00 |' in markdown
+  assert markdown.startswith('# Sweep: cnn2 on digits\n\nGrid: `phases.train.losses.kd.alpha` ∈ {0.3, 0.7, 0.5}; '
+                             'seeds 0, 1. Eval top-1 on `test`')
   assert [r['diverged'] for r in csv.DictReader(open(tmp_path / 'results.csv'))] == ['0', '1', '0']
 
   # The winner diverging on a confirmation seed: still the grid's choice, its row and the note say it diverged.
