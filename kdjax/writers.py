@@ -103,7 +103,8 @@ def create_writer(workdir: str, backend: str = 'auto'):
 
 
 class ProgressReporter:
-  """Steps/s and ETA every `every_steps` steps (CLU's ReportProgress does the same where TF is available)."""
+  """Steps/s and ETA every `every_steps` steps and at the last step (CLU's ReportProgress does the same where TF is
+  available)."""
 
   def __init__(self, num_train_steps: int, writer, every_steps: int):
     self._total, self._writer, self._every = num_train_steps, writer, max(1, every_steps)
@@ -114,7 +115,7 @@ class ProgressReporter:
     if self._last_step is None:
       self._last_step, self._last_time = step, now
       return
-    if step % self._every or step == self._last_step:
+    if (step % self._every and step != self._total) or step == self._last_step:
       return
     rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
     eta = (self._total - step) / rate if rate else float('inf')

@@ -63,3 +63,20 @@ def test_a_tensorflow_that_fails_to_import_falls_back_to_the_tensorflow_free_wri
   assert done.returncode == 0, done.stderr[-3000:]
   assert "TensorFlow is installed but CLU's writers do not import" in done.stderr
   assert _read_scalars(str(tmp_path / 'logs'))['train/loss'] == [(1, 2.5), (2, 1.5)]
+
+
+class _Recorder:
+  def __init__(self):
+    self.steps = []
+
+  def write_scalars(self, step, values):
+    self.steps.append(step)
+
+
+def test_tensorflow_free_progress_reports_every_n_steps_and_the_last():
+  """As CLU's ReportProgress: every `every_steps` steps after the first call, and at the last step (25 % 10 != 0)."""
+  recorder = _Recorder()
+  progress = writers.ProgressReporter(25, recorder, every_steps=10)
+  for step in range(1, 26):
+    progress(step)
+  assert recorder.steps == [10, 20, 25]
