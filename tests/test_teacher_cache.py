@@ -34,6 +34,16 @@ def test_crop_flip_views_are_the_cifar_crop_and_flip():
   np.testing.assert_array_equal(rendered[(4 * 9 + 4) * 2], augment._as_float(images[0]))  # centred, unflipped
 
 
+def _random_data_and_teacher(num_examples: int, seed: int):
+  """A resident split of random 8x8 RGB images over the 8 devices, and a fresh cnn3 teacher replicated on them."""
+  mesh = mesh_lib.make_data_mesh()
+  rng = np.random.default_rng(seed)
+  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (num_examples, 8, 8, 3), dtype=np.uint8),
+                                            rng.integers(0, 10, (num_examples,)), mesh)
+  graphdef, variables = nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0)))
+  return data, steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
+
+
 def test_looked_up_logits_are_the_computed_ones():
   """On 8 devices, for several steps' keys and batches: the step's student sees exactly the views whose cached
   logits it looks up, and those equal the teacher on the step's augmented batch up to float32 rounding.
@@ -42,12 +52,7 @@ def test_looked_up_logits_are_the_computed_ones():
   table's) round differently in the last bit (max relative difference seen: 5e-6 on logits; the normalised images
   themselves already differ by 1.5e-5 relative between a jitted and an eager evaluation).
   """
-  mesh = mesh_lib.make_data_mesh()
-  rng = np.random.default_rng(1)
-  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (72, 8, 8, 3), dtype=np.uint8),
-                                            rng.integers(0, 10, (72,)), mesh)
-  graphdef, variables = nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0)))
-  teacher, variables = steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
+  data, teacher, variables = _random_data_and_teacher(72, seed=1)
   pipeline = augment.AUGMENTATIONS['crop_flip']
   preprocess = steps.Preprocess(
       augment=lambda r, x: pipeline(r, x, image_size=8),
@@ -63,7 +68,7 @@ def test_looked_up_logits_are_the_computed_ones():
     views = pipeline.sample(key, batch['index'].shape[0])
     return preprocess.augment(key, batch['image']), views, teacher.outputs(variables, images, batch, key)[0]
 
-  device_table = jax.device_put(table, mesh_lib.replicated(mesh))
+  device_table = mesh_lib.replicate(table, data.mesh)
   looked_up_fn = jax.jit(lambda table, batch, key: cached.outputs(table, None, batch, key)[0])
   for step in range(4):
     batch = data.train_batch(data.epoch_order(0, 0), step, 16)
@@ -147,12 +152,7 @@ def test_table_key_follows_the_teachers_structure_and_skips_its_rng_keys():
 def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypatch):
   """A per-host cache dir may hold the table on some hosts only. Building runs collectives, so when any process
   lacks the table every process builds it (the other processes' answer is simulated here)."""
-  mesh = mesh_lib.make_data_mesh()
-  rng = np.random.default_rng(2)
-  data = loader.ResidentDataset.from_arrays(rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
-                                            rng.integers(0, 10, (16,)), mesh)
-  graphdef, variables = nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 3), rngs=nnx.Rngs(0)))
-  teacher, variables = steps.Teacher(graphdef), mesh_lib.replicate(variables, mesh)
+  data, teacher, variables = _random_data_and_teacher(16, seed=2)
   preprocess = steps.Preprocess(
       augment=None, evaluate=lambda x: augment.eval_transform(x, image_size=8), mean=(0.5,) * 3, std=(0.25,) * 3,
       dtype=np.float32, image_size=8)

@@ -247,7 +247,7 @@ def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
   cfg.keep_checkpoints = 20
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(cfg, workdir)
-  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(params=0, dropout=1),
+  model = create_model('cnn2', num_classes=10, image_shape=(8, 8, 1), rngs=rng_lib.model_rngs(cfg.seed),
                        hidden=16, dropout=0.0)
   initial = {state_lib.path_string(p): np.asarray(v.get_value())
              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
