@@ -17,6 +17,7 @@ For each: compile seconds of the train step, train images/s of the loop as `kdja
       --dtype bfloat16 --steps 50 --warmup 5 --dataset synthetic --json bench_steps.json
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -94,11 +95,12 @@ def measure_phase(name: str, args, data, teacher) -> dict:
   state, loop_s = common.time_train(phase, phase.state, dataset, args.batch, args.steps, args.warmup,
                                     args.log_every)
   state, step_s = common.time_step_only(train_step, state, phase.teacher_vars, batches, args.steps, 1)
-  eval_program, eval_compile_s = common.compile_timed(
-      phase.eval_program, state.params, state.model_state, phase.eval_teacher_vars, (dataset.images, dataset.labels),
-      *steps.eval_start(phase.eval_names, dataset.mesh))
-  common.eval_pass(phase, state, dataset, args.eval_batch, eval_program)  # warm-up pass
-  eval_s = common.eval_pass(phase, state, dataset, args.eval_batch, eval_program)
+  compiled, eval_compile_s = common.compile_timed(
+      phase.eval_program.fn, state.params, state.model_state, phase.eval_teacher_vars,
+      (dataset.images, dataset.labels), *steps.eval_start(phase.eval_program, dataset.mesh))
+  eval_program = dataclasses.replace(phase.eval_program, fn=compiled)
+  common.eval_pass(phase, state, dataset, eval_program)  # warm-up pass
+  eval_s = common.eval_pass(phase, state, dataset, eval_program)
   memory = common.compiled_memory(train_step)
   return dict(phase=name, model=model, compile_s=compile_s, cache_build_s=cache_build_s, images_per_s=args.steps * args.batch / loop_s,
               step_ms=1000 * loop_s / args.steps, step_images_per_s=args.steps * args.batch / step_s,

@@ -103,8 +103,7 @@ class Phase:
   train_fn: Any         # jax.jit of steps.train_step (student state donated): the bare step
   steps_fn: Any         # jax.jit of steps.train_program: what the trainer dispatches (gather, step, metrics)
   metrics_template: Any  # an empty accumulator of steps_fn: each loop starts from a fresh copy (they are donated)
-  eval_program: Any     # steps.jit_eval_program: what `kdjax.train.Run.evaluate` dispatches per eval batch
-  eval_names: tuple     # its metric names (steps.eval_metric_names)
+  eval_program: steps.EvalProgram  # what `kdjax.train.Run.evaluate` dispatches per eval batch
   state: state_lib.TrainState
   teacher_vars: Any     # the train step's teacher argument (variables, or a cached table); None without a teacher
   eval_teacher_vars: Any  # the eval step's teacher variables; None without a teacher
@@ -176,8 +175,7 @@ def build_phase(name: str, model_name: str, losses: dict, *, teacher: tuple | No
                steps_fn=steps.jit_train_program(spec, batch_size, mesh_lib.batch_sharded(mesh), replicated),
                metrics_template=steps.empty_metrics(spec, replicated),
                eval_program=steps.jit_eval_program(student_def, eval_def, preprocess, eval_batch_size or batch_size,
-                                                   mesh),
-               eval_names=steps.eval_metric_names(eval_def), state=state,
+                                                   mesh), state=state,
                teacher_vars=teacher_vars, eval_teacher_vars=eval_vars)
 
 
@@ -234,12 +232,14 @@ def time_step_only(compiled, state, teacher_vars, batches: list, steps_: int, wa
   return state, time.perf_counter() - t0
 
 
-def eval_pass(phase: Phase, state, dataset: loader.ResidentDataset, batch_size: int, program=None) -> float:
+def eval_pass(phase: Phase, state, dataset: loader.ResidentDataset, program: steps.EvalProgram | None = None
+              ) -> float:
   """Seconds of one pass over the split as `kdjax.train.Run.evaluate` makes it (`steps.evaluate`: one program per
-  batch, metrics merged on the devices); `program` defaults to `phase.eval_program` (e.g. its compiled form)."""
+  batch, metrics merged on the devices); `program` defaults to `phase.eval_program` (e.g. one with its compiled
+  form)."""
   t0 = time.perf_counter()
   jax.block_until_ready(steps.evaluate(program or phase.eval_program, state.params, state.model_state,
-                                       phase.eval_teacher_vars, dataset, batch_size, phase.eval_names))
+                                       phase.eval_teacher_vars, dataset))
   return time.perf_counter() - t0
 
 

@@ -124,6 +124,9 @@ def replicate(tree, mesh):
   def place(leaf):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # already global
       return jax.device_put(leaf, sharding)
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      # A typed key (a dropout layer's RNG state) has no NumPy form: place its raw data, then wrap it again.
+      return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
     return host_to_mesh(np.asarray(leaf), sharding)
   return jax.tree.map(place, tree)
 

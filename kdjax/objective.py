@@ -312,6 +312,13 @@ def loss_arguments(losses_cfg) -> dict[str, dict[str, jax.Array]]:
           for name, t in sorted(losses_cfg.items())}
 
 
+def _stage_shapes(student_out, teacher_out) -> str:
+  """The stage maps' shapes (without the batch) of each model, for an error message."""
+  shapes = lambda out: ', '.join(f'{i}: {tuple(f.shape[1:])}' for i, f in enumerate(out[1]))
+  text = f'The student\'s stage maps are {shapes(student_out)}'
+  return text if teacher_out is None else f'{text}; the teacher\'s {shapes(teacher_out)}'
+
+
 def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
   """One function computing the weighted sum of a phase's terms, each term's value, and the terms' new memory.
 
@@ -338,11 +345,10 @@ def build_objective(losses_cfg) -> tuple[Callable, tuple[str, ...]]:
           values[name], memory[name] = term.compute(args, student_out, teacher_out, labels, adapters, epoch,
                                                     memory[name], index, jax.random.fold_in(key, position))
       except losses.ShapeError as error:  # raised while tracing: the models' shapes, not the data, are at fault
-        shapes = lambda out: ', '.join(f'{i}: {tuple(f.shape[1:])}' for i, f in enumerate(out[1]))
-        raise UserError(f'loss term `{name}` cannot compare the outputs the config feeds it ({error}) The '
-                        f'student\'s stage maps are {shapes(student_out)}; the teacher\'s {shapes(teacher_out)}: '
-                        f'set its student_stage / teacher_stage (`losses.{name}` in the phase) to maps of one '
-                        'spatial size, or choose another student') from None
+        raise UserError(f'loss term `{name}` cannot compare the outputs the config feeds it ({error}) '
+                        f'{_stage_shapes(student_out, teacher_out)}: set its student_stage / teacher_stage (or '
+                        f'`adapter`; `losses.{name}` in the phase) to maps that fit, or choose another '
+                        'student') from None
       total = total + weight * values[name]
     return total, values, memory
 

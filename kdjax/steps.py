@@ -229,26 +229,33 @@ def eval_program(student_def, teacher, preprocess: Preprocess, batch_size: int, 
   return index + 1, metrics_lib.accumulate(acc, batch_metrics)
 
 
-def jit_eval_program(student_def, teacher, preprocess: Preprocess, batch_size: int, mesh):
+@dataclasses.dataclass(frozen=True)
+class EvalProgram:
+  """`eval_program` jitted for a mesh, with the batch size and metric names it was built with (so a pass cannot be
+  run with another batch size than the program gathers)."""
+  fn: Callable          # (params, model_state, teacher_vars, split, index, acc) -> (index + 1, acc)
+  batch_size: int
+  names: tuple[str, ...]
+
+
+def jit_eval_program(student_def, teacher, preprocess: Preprocess, batch_size: int, mesh) -> EvalProgram:
   """`eval_program` jitted for `mesh`; the accumulator is donated and both outputs stay replicated (placed like
-  the inputs `evaluate` makes, so the loop never compiles twice)."""
+  the inputs `eval_start` makes, so the loop never compiles twice)."""
   replicated = mesh_lib.replicated(mesh)
-  return jax.jit(functools.partial(eval_program, student_def, teacher, preprocess, batch_size,
-                                   mesh_lib.batch_sharded(mesh)),
-                 donate_argnums=5, out_shardings=(replicated, replicated))
+  fn = jax.jit(functools.partial(eval_program, student_def, teacher, preprocess, batch_size,
+                                 mesh_lib.batch_sharded(mesh)),
+               donate_argnums=5, out_shardings=(replicated, replicated))
+  return EvalProgram(fn=fn, batch_size=batch_size, names=eval_metric_names(teacher))
 
 
-def eval_start(names: tuple[str, ...], mesh):
-  """The first (index, accumulator) of an eval pass, placed as `jit_eval_program` returns them."""
-  replicated = mesh_lib.replicated(mesh)
-  return jax.device_put(jnp.int32(0), replicated), jax.device_put(metrics_lib.collection(names).empty(), replicated)
+def eval_start(program: EvalProgram, mesh):
+  """The first (index, accumulator) of an eval pass, placed as the program returns them."""
+  return mesh_lib.replicate((jnp.int32(0), metrics_lib.collection(program.names).empty()), mesh)
 
 
-def evaluate(program, params, model_state, teacher_vars, dataset: loader.ResidentDataset, batch_size: int,
-             names: tuple[str, ...]):
-  """One pass of `program` (from `jit_eval_program`) over `dataset`: the merged metric collection, on the devices.
-  `names`: `eval_metric_names` of the program's teacher."""
-  index, acc = eval_start(names, dataset.mesh)
-  for _ in range(dataset.num_eval_batches(batch_size)):
-    index, acc = program(params, model_state, teacher_vars, (dataset.images, dataset.labels), index, acc)
+def evaluate(program: EvalProgram, params, model_state, teacher_vars, dataset: loader.ResidentDataset):
+  """One pass of `program` over `dataset`: the merged metric collection, on the devices."""
+  index, acc = eval_start(program, dataset.mesh)
+  for _ in range(dataset.num_eval_batches(program.batch_size)):
+    index, acc = program.fn(params, model_state, teacher_vars, (dataset.images, dataset.labels), index, acc)
   return acc

@@ -89,9 +89,11 @@ def run_sweep(cfg, workdir: str, run_one) -> dict:
     logging.info('sweep: best cell %s, rerun on seeds %s', winner['cell'], extra)
     winner['confirmation'] = _run_cell(cfg, workdir, winner['assignment'], extra, run_one)
   grid = ' × '.join(f'`{key}` ∈ {{{", ".join(map(str, values))}}}' for key, values in parse_grid(cfg.sweep.grid, cfg))
+  further = f' (the winning cell also on {", ".join(map(str, extra))})' if extra else ''
   intro = [f'# Sweep: {cfg.student.name} on {cfg.data.dataset}', '',
-           f'Grid: {grid}; seeds {", ".join(map(str, cfg.repeats.seeds))}. Eval top-1 on `{cfg.data.eval_split}`: best '
-           'over a run\'s evaluations and last (at its end); each cell: mean ± sample std (ddof 1) over its seeds.', '']
+           f'Grid: {grid}; seeds {", ".join(map(str, cfg.repeats.seeds))}{further}. Eval top-1 on '
+           f'`{cfg.data.eval_split}`: best over a run\'s evaluations and last (at its end); each cell: mean ± sample '
+           'std (ddof 1) over its seeds, and the best of each seed in that order.', '']
   return write_sweep_results(workdir, cells, intro)
 
 

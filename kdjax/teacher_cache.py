@@ -158,7 +158,7 @@ def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augmen
     logging.info('teacher cache: %d views x %d examples (%d epochs of teacher forward passes, once)',
                  pipeline.num_views, dataset.num_examples, pipeline.num_views)
     table = build_table(teacher, teacher_vars, dataset, pipeline, preprocess, batch_size)
-    if jax.process_index() == 0:
+    if not os.path.exists(path):  # every process that lacks it (publish settles races on a shared filesystem)
       with cache_lib.publish(folder) as temp:
         np.save(os.path.join(temp, 'logits.npy'), table)
   return cached, mesh_lib.replicate(table, dataset.mesh)

@@ -152,8 +152,7 @@ class Run:
     return tx, mesh_lib.replicate(state, self.data.train.mesh)
 
   def evaluate(self, state, dataset) -> dict[str, float]:
-    total = steps.evaluate(self.eval_program, state.params, state.model_state, self.teacher_vars, dataset,
-                           self.cfg.eval_batch_size, steps.eval_metric_names(self.teacher))
+    total = steps.evaluate(self.eval_program, state.params, state.model_state, self.teacher_vars, dataset)
     return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 

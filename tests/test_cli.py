@@ -255,3 +255,19 @@ def test_a_launch_jax_cannot_read_is_one_user_error(monkeypatch):
   monkeypatch.setattr(mesh.jax.config, 'update', lambda *args: None)
   with pytest.raises(UserError, match='coordinator_address should be defined.*set JAX_COORDINATOR_ADDRESS'):
     mesh.maybe_initialize_distributed()
+
+
+def test_multi_process_replication_places_typed_keys(monkeypatch):
+  """Across processes `replicate` fills each process's devices from its own copy: a dropout layer's typed key (no
+  NumPy form) goes as its raw data and comes back a key of the same implementation."""
+  import jax
+  import numpy as np
+  from kdjax import mesh
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  key = jax.random.key(3)
+  placed = mesh.replicate({'key': key, 'x': np.arange(4.0)}, mesh.make_data_mesh())
+  assert jax.dtypes.issubdtype(placed['key'].dtype, jax.dtypes.prng_key)
+  assert jax.random.key_impl(placed['key']) == jax.random.key_impl(key)
+  np.testing.assert_array_equal(jax.random.key_data(placed['key']), jax.random.key_data(key))
+  np.testing.assert_array_equal(placed['x'], np.arange(4.0))
+  assert placed['x'].sharding.is_fully_replicated and len(placed['x'].sharding.device_set) == jax.device_count()

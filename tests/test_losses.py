@@ -12,6 +12,7 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxprs_in_params
 import numpy as np
 import pytest
 
@@ -472,7 +473,7 @@ def _dot_precisions(fn, *args) -> list:
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == 'dot_general':
         found.append(eqn.params['precision'])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jaxprs_in_params(eqn.params):
         walk(sub)
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found

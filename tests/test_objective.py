@@ -188,3 +188,17 @@ def test_maps_of_different_spatial_sizes_are_one_user_error_listing_the_stages()
                                       r'stage maps are 0: \(16, 16, 8\), 1: \(8, 8, 16\); the teacher\'s 0: '
                                       r'\(8, 8, 8\), 1: \(4, 4, 16\): set its student_stage'):
     jax.jit(lambda s, t: objective(s, t, None, objective_lib.Adapters({}, rngs=nnx.Rngs(0)), 0))(student, teacher)
+
+
+def test_a_shape_error_of_a_term_without_teacher_is_a_user_error_too(monkeypatch):
+  monkeypatch.setattr(objective_lib, 'TERMS', dict(objective_lib.TERMS))
+  monkeypatch.setattr(objective_lib, '_ORIGINS', dict(objective_lib._ORIGINS))
+
+  def refuse(a, s, t, y, ad, epoch):
+    raise losses.ShapeError('logit_penalty: logits must be (N, K)')
+  objective_lib.register_term('logit_penalty', objective_lib.Term(compute=refuse, defaults={}, needs_teacher=False))
+  objective, _ = objective_lib.build_objective({'p': config_lib.loss_term('logit_penalty')})
+  student = (jnp.zeros((2, 10)), (jnp.zeros((2, 4, 4, 8)),))
+  with pytest.raises(UserError, match=r"`p` cannot compare .*must be \(N, K\)\) The student's stage maps are "
+                                      r"0: \(4, 4, 8\): set its"):
+    objective(student, None, None, None, 0)

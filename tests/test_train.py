@@ -444,7 +444,7 @@ def test_an_eval_pass_counts_every_example_once(with_teacher):
                                                        rngs=nnx.Rngs(1)))
     teacher = steps.Teacher(teacher_def)
   program = steps.jit_eval_program(student_def, teacher, preprocess, 16, mesh)
-  got = steps.evaluate(program, params, model_state, teacher_vars, dataset, 16, steps.eval_metric_names(teacher))
+  got = steps.evaluate(program, params, model_state, teacher_vars, dataset)
   got = {k: float(v) for k, v in got.compute().items()}
 
   inputs = preprocess.eval(jnp.asarray(images))
@@ -474,7 +474,7 @@ def test_the_eval_program_is_traced_once_for_every_phase(tmp_path, teacher_workd
   cfg = tiny.get_config('stagewise')
   cfg.teacher.workdir = teacher_workdir
   train.train_and_evaluate(cfg, str(tmp_path / 'run'))
-  assert len(cfg.schedule) == 3 and len(programs) == 1 and programs[0]._cache_size() == 1
+  assert len(cfg.schedule) == 3 and len(programs) == 1 and programs[0].fn._cache_size() == 1
 
 
 def test_the_train_step_is_traced_once_per_phase(tmp_path, teacher_workdir, monkeypatch):
