@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from kdjax import losses
@@ -209,6 +210,13 @@ def check_term(term_cfg, path: str) -> None:
     problem = check(value) if check else None
     if problem:
       raise UserError(f'config `{path}`: {problem}')
+  missing = [key for key in term.defaults if key not in term_cfg]
+  if missing:  # `loss_term` fills every argument: this term was made for another kind, then its kind changed
+    kept = ', '.join(f'{k}={term_cfg[k]!r}' for k in term_cfg if k not in ('kind', 'weight')) or 'none'
+    logging.warning('config `%s` is a %s term without its argument(s) %s (defaults used): its kind was changed '
+                    'after it was made, so the arguments it kept (%s) are another kind\'s values; set them '
+                    'explicitly (or make the term with loss_term(%r, ...) in the config)', path, term_cfg.kind,
+                    ', '.join(missing), kept, term_cfg.kind)
 
 
 def term_args(term_cfg) -> dict[str, Any]:

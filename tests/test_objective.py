@@ -202,3 +202,19 @@ def test_a_shape_error_of_a_term_without_teacher_is_a_user_error_too(monkeypatch
   with pytest.raises(UserError, match=r"`p` cannot compare .*must be \(N, K\)\) The student's stage maps are "
                                       r"0: \(4, 4, 8\): set its"):
     objective(student, None, None, None, 0)
+
+
+def test_a_term_whose_kind_was_switched_warns_of_the_arguments_it_kept(caplog):
+  """`--config....kd.kind=dkd` on a hinton_kd term keeps hinton_kd's alpha=0.5 as DKD's alpha (whose default is
+  1): say so. A term made by `loss_term` for its own kind has every argument and says nothing."""
+  import logging
+  term = config_lib.loss_term('hinton_kd')
+  term.kind = 'dkd'
+  with caplog.at_level(logging.WARNING):
+    objective_lib.check_term(config_lib.loss_term('dkd'), 'phases.train.losses.ok')
+    assert not caplog.records
+    objective_lib.check_term(term, 'phases.train.losses.kd')
+  assert len(caplog.records) == 1
+  message = caplog.records[0].getMessage()
+  assert 'config `phases.train.losses.kd` is a dkd term without its argument(s) beta, warmup_epochs' in message
+  assert 'alpha=0.5' in message
