@@ -146,9 +146,10 @@ def _two_processes(workdir, tmp_path, tag, args=()):
 
 def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
   """Both processes fail to read the torn latest checkpoint; process 0 alone moves it aside, both wait for the
-  move, and both resume from the previous one, ending where the uninterrupted run ended."""
+  move, and both resume from the previous one, ending where the uninterrupted run ended. With dropout: its RNG state
+  (a typed key) is placed and restored across processes too."""
   workdir = str(tmp_path / 'multi')
-  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10']
+  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10', '--config.student.dropout=0.5']
   _two_processes(workdir, tmp_path, 'first', args)
   reference = _final_variables(workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -163,5 +164,7 @@ def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
   for name, log in logs.items():
     assert f'checkpoint {steps[-1]} in' in open(log).read(), name
   resumed = _final_variables(workdir)
+  plain = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  assert any(plain(x) is not x for x in reference.values())  # the dropout RNG state is among them
   for key in reference:
-    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(plain(resumed[key]), plain(reference[key]), rtol=1e-6, atol=1e-7, err_msg=key)
