@@ -45,10 +45,10 @@ NUM_SYNTHETIC_CLASSES = 10
 
 
 def peer_recipe(learning_rate: float) -> Any:
-  """The PyTorch peer's optimizer: SGD, Nesterov momentum 0.9, L2 5e-4, one-cycle schedule rising for 25 % of the
-  steps (its OneCycleLR's pct_start; momentum is not cycled here, see README)."""
+  """The PyTorch peer's optimizer: SGD, Nesterov momentum, L2 5e-4, one-cycle schedule rising for 25 % of the steps
+  (its OneCycleLR's pct_start), with the momentum cycled between 0.85 and 0.95 as its OneCycleLR does by default."""
   return config_lib.optimizer('sgd', learning_rate, nesterov=True, weight_decay=5e-4, schedule='onecycle',
-                              pct_start=0.25)
+                              pct_start=0.25, cycle_momentum=(0.85, 0.95))
 
 
 def parse_kd(spec: str) -> tuple[float, float]:

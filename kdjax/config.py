@@ -26,8 +26,11 @@ def optimizer(name='sgd', learning_rate=0.1, **overrides) -> ml_collections.Conf
       momentum=0.9,            # sgd only
       nesterov=False,          # sgd only
       weight_decay=0.0,        # sgd, adam: L2 added to the gradient (as torch's); adamw: decoupled decay
-      schedule='cosine',       # constant | cosine | linear | onecycle (lr only; momentum fixed) | piecewise
+      schedule='cosine',       # constant | cosine | linear | onecycle | piecewise
       pct_start=0.3,           # onecycle: the share of steps rising to the peak (torch OneCycleLR's default)
+      # sgd + onecycle: (base, max) momentum cycled against the rate, max -> base while it rises, back to max as it
+      # falls, e.g. (0.85, 0.95) as torch's OneCycleLR does by default; () keeps `momentum` fixed.
+      cycle_momentum=(),
       warmup_epochs=0.0,       # linear warm-up from 0 before the schedule
       boundaries_epochs=(),    # piecewise: epochs at which the rate is multiplied by decay_factor
       decay_factor=0.1,        # piecewise only
@@ -265,6 +268,20 @@ def _check_phases(cfg):
       raise UserError(f'config `phases.{name}.optimizer.boundaries_epochs` {tuple(opt.boundaries_epochs)}: {outside} '
                       f'lie outside the phase after its warm-up ({opt.warmup_epochs:g} to {ph.epochs:g} epochs); '
                       'give decay epochs of the phase, after the warm-up')
+    _check_cycle_momentum(opt, f'phases.{name}.optimizer')
+
+
+def _check_cycle_momentum(opt, where: str) -> None:
+  cycle = tuple(opt.cycle_momentum)
+  if not cycle:
+    return
+  if len(cycle) != 2 or not 0 <= cycle[0] <= cycle[1] < 1:
+    raise UserError(f'config `{where}.cycle_momentum` is {cycle}; give (base, max) with 0 <= base <= max < 1, e.g. '
+                    "'(0.85,0.95)' (torch OneCycleLR's), or () for a fixed momentum")
+  if (opt.name, opt.schedule) != ('sgd', 'onecycle'):
+    raise UserError(f'config `{where}.cycle_momentum` cycles the momentum of sgd with the onecycle schedule, this '
+                    f'phase runs {opt.name} with {opt.schedule}; set schedule=onecycle and name=sgd, or '
+                    'cycle_momentum=()')
 
 
 def _at_least(low, strict=False):

@@ -1,6 +1,7 @@
 """A phase's optax optimizer, built from its `optimizer` config through two registries (rules and schedules)."""
 from typing import Callable
 
+import jax.numpy as jnp
 import optax
 
 
@@ -37,12 +38,18 @@ SCHEDULES: dict[str, Callable] = {
 }
 
 
-def _sgd(lr, cfg):
+def _sgd(lr, cfg, momentum=None):
+  """torch's SGD: L2 added to the gradient, then (Nesterov) momentum, then the rate. `momentum`, a schedule, replaces
+  the fixed `cfg.momentum` (see `momentum_schedule`)."""
   chain = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
-  return optax.chain(*chain, optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  if momentum is None:
+    return optax.chain(*chain, optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  # inject_hyperparams evaluates the schedule at its own step count, which advances with the optimizer's.
+  trace = optax.inject_hyperparams(optax.trace, static_args=('nesterov',))(decay=momentum, nesterov=cfg.nesterov)
+  return optax.chain(*chain, trace, optax.scale_by_learning_rate(lr))
 
 
-# (learning-rate schedule, optimizer config) -> optax transformation
+# (learning-rate schedule, optimizer config[, momentum schedule: sgd only]) -> optax transformation
 OPTIMIZERS: dict[str, Callable] = {
     'sgd': _sgd,
     'adam': lambda lr, cfg: optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
@@ -65,8 +72,40 @@ def learning_rate_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), main], [warmup])
 
 
+def momentum_schedule(cfg, total_steps: int, steps_per_epoch: int) -> optax.Schedule | None:
+  """torch OneCycleLR's momentum cycle, for `cycle_momentum=(base, max)`: from max down to base while the rate rises,
+  back up to max while it anneals, with the rate's cosine shape and turning step (max through any warm-up); None
+  when the momentum is fixed.
+
+  Cycling it lowers heavy-ball SGD's effective step lr / (1 - momentum) at the top of the cycle (6.7 lr at 0.85
+  against 10 lr at a fixed 0.9). torch users get it by default; kdjax's side-by-side with the PyTorch peer turns it
+  on to run the peer's recipe.
+
+  The turning step is optax's (pct_start x steps); torch's OneCycleLR turns one step earlier (pct_start x steps - 1),
+  for the rate as for the momentum."""
+  if not tuple(cfg.cycle_momentum):
+    return None
+  base, top = cfg.cycle_momentum
+  warmup = warmup_steps(cfg, steps_per_epoch)
+  steps = max(total_steps - warmup, 1)
+  turn = int(cfg.pct_start * steps)  # optax.cosine_onecycle_schedule's peak step, so momentum bottoms out there
+
+  def cosine(start, end, done):
+    return start + (end - start) * (1.0 - jnp.cos(jnp.pi * jnp.clip(done, 0.0, 1.0))) / 2.0
+
+  def cycle(count):
+    return jnp.where(count < turn, cosine(top, base, count / max(turn, 1)),
+                     cosine(base, top, (count - turn) / max(steps - turn, 1)))
+
+  if warmup <= 0:
+    return cycle
+  return optax.join_schedules([optax.constant_schedule(top), cycle], [warmup])
+
+
 def make_optimizer(cfg, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  tx = OPTIMIZERS[cfg.name](learning_rate_schedule(cfg, total_steps, steps_per_epoch), cfg)
+  lr = learning_rate_schedule(cfg, total_steps, steps_per_epoch)
+  momentum = momentum_schedule(cfg, total_steps, steps_per_epoch)
+  tx = OPTIMIZERS[cfg.name](lr, cfg) if momentum is None else OPTIMIZERS[cfg.name](lr, cfg, momentum)
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx
