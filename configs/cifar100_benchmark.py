@@ -15,7 +15,7 @@ CRD contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`), on
 GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
 Where this differs from the reference code (RepDistiller, mdistiller): bfloat16 compute (they run float32); the
 student distils from the teacher run's best checkpoint on the test split (RepDistiller's scripts use the last epoch's:
-`--config.teacher.workdir` may name a run stopped where you like); DKD's beta is mdistiller's 8 for this pair (it
+`--config.teacher.checkpoint=last` reads that one); DKD's beta is mdistiller's 8 for this pair (it
 tunes beta per pair: 2 for resnet56 -> resnet20, 6 for vgg13 -> vgg8). Both report the best test accuracy over the
 epochs, so the student is evaluated every epoch, as they do.
 """

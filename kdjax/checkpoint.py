@@ -145,15 +145,24 @@ def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:
   return flat
 
 
-def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', role: str = 'teacher') -> Any:
-  """Fill an NNX model's variables (params + BatchNorm statistics) from a finished run's best (else latest) checkpoint.
+# Which checkpoint of a finished run a teacher or an initialisation reads (`teacher.checkpoint`, `init.checkpoint`):
+# the sub-directories tried in order. `best` is the highest eval top-1 (kdjax's default, as torchdistill keeps);
+# `last` is the final state (RepDistiller's and mdistiller's teachers). A run without checkpoints/ (an import, or a
+# kill during its first save) has only best/, which is then its last state too.
+CHECKPOINT_CHOICES = {'best': ('best', 'checkpoints'), 'last': ('checkpoints', 'best')}
+
+
+def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', role: str = 'teacher',
+                            which: str = 'best') -> Any:
+  """Fill an NNX model's variables (params + BatchNorm statistics) from a finished run's `which` checkpoint (see
+  CHECKPOINT_CHOICES).
 
   Raises a UserError when the run has no checkpoint or its shapes do not fit the model, listing the first
   mismatches, so a teacher of the wrong architecture or class count is caught before training starts. Variables
   whose path matches `keep_fresh` (a regex, e.g. '^head/') keep their fresh values: fine-tuning a model on a
   dataset with other classes.
   """
-  for sub in ('best', 'checkpoints'):
+  for sub in CHECKPOINT_CHOICES[which]:
     directory = os.path.abspath(os.path.join(workdir, sub))
     if not os.path.isdir(directory):
       continue
@@ -169,6 +178,7 @@ def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', ro
                           manager.item_metadata(step)['state'])
     raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
+    logging.info('%s: the %s checkpoint of %s is %s/%d', role, which, workdir, sub, step)
     return _fill(variables, saved, f'{directory}/{step}', keep_fresh, role)
   raise UserError(f'no checkpoint in {workdir}; ' + _NO_CHECKPOINT_FIX[role].format(workdir=workdir))
 

@@ -105,12 +105,14 @@ def base_config() -> ml_collections.ConfigDict:
       name='resnet18_cifar',   # the teacher's model (kd_comparison trains it; must match a single teacher run;
                                # ensemble members whose run records no model use it)
       epochs=10.0,             # kd_comparison: the teacher run's budget
+      checkpoint='best',       # best | last: the teacher run's best (eval top-1) or final checkpoint
       cache=False,             # look the teacher's logits up per (example, augmentation view) instead of running
                                # it every step: exact; for none/flip/crop_flip and logit losses (kdjax.teacher_cache)
   ))
   cfg.init = ml_collections.ConfigDict(dict(
       workdir='',              # start the student from this run's best checkpoint (or an imported model)
       keep_fresh='',           # regex of parameters left freshly initialised, e.g. '^head/' for other classes
+      checkpoint='best',       # best | last: which checkpoint of that run
   ))
   cfg.compute_dtype = 'float32'  # float32 | bfloat16 (parameters stay float32)
   cfg.batch_size = 128         # global, split over all devices
@@ -142,6 +144,8 @@ _CHOICES = {
     'compute_dtype': lambda: ('float32', 'bfloat16'),
     'nonfinite': lambda: ('stop', 'skip'),
     'data.on_corrupt': lambda: ('error', 'skip'),
+    'teacher.checkpoint': lambda: __import__('kdjax.checkpoint', fromlist=['CHECKPOINT_CHOICES']).CHECKPOINT_CHOICES,
+    'init.checkpoint': lambda: __import__('kdjax.checkpoint', fromlist=['CHECKPOINT_CHOICES']).CHECKPOINT_CHOICES,
     'data.augment': lambda: __import__('kdjax.data.augment', fromlist=['AUGMENTATIONS']).AUGMENTATIONS,
 }
 

@@ -2,7 +2,7 @@
 
 `teacher.workdir` names one run or a comma-separated list of runs (`runs/t1,runs/t2,runs/t3`). Each run's model is
 rebuilt from what that run recorded, so ensemble members may differ in architecture, and filled from its own best
-checkpoint. Several members become one `kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits,
+(or, with `teacher.checkpoint='last'`, final) checkpoint. Several members become one `kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits,
 features = the first member's), so the trainer sees one model either way and nothing downstream changes.
 
 A teacher gets its inputs normalised as in its own training: the student's pipeline normalises with the student
@@ -67,15 +67,16 @@ def _check_members(cfg, workdirs: list[str], names: list[str]) -> None:
                     'teacher runs of this dataset in --config.teacher.workdir')
 
 
-def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, image_shape, dtype) -> nnx.Module:
+def _restore_member(workdir: str, name: str, kwargs: dict, *, num_classes: int, image_shape, dtype,
+                    which: str) -> nnx.Module:
   model = create_model(name, num_classes=num_classes, image_shape=image_shape, rngs=nnx.Rngs(0), dtype=dtype,
                        **kwargs)
   graphdef, variables = nnx.split(model)
   if not (os.path.exists(os.path.join(workdir, 'summary.json'))
           or 'imported_from' in export.read_json(os.path.join(workdir, 'config.json'))):
-    logging.warning('teacher run %s has not finished (no summary.json): distilling from its best checkpoint so far; '
-                    're-run its command to finish it first', workdir)
-  return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables))
+    logging.warning('teacher run %s has not finished (no summary.json): distilling from its %s checkpoint so far; '
+                    're-run its command to finish it first', workdir, which)
+  return nnx.merge(graphdef, ckpt_lib.restore_model_variables(workdir, variables, which=which))
 
 
 class InputRenormalized(nnx.Module):
@@ -136,6 +137,7 @@ def restore_teacher(cfg, *, num_classes: int, image_shape: tuple[int, int, int],
     _check_learnt_data(workdir, num_classes, len(mean))
   # Each member fed as in its own training: members trained on other slices, or an import, may differ.
   members = [renormalized(_restore_member(workdir, name, kwargs, num_classes=num_classes, image_shape=image_shape,
-                                          dtype=dtype), export.recorded_normalization(workdir), mean, std)
+                                          dtype=dtype, which=cfg.teacher.checkpoint),
+                          export.recorded_normalization(workdir), mean, std)
              for workdir, (name, kwargs) in zip(workdirs, architectures)]
   return members[0] if len(members) == 1 else Ensemble(members)

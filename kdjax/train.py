@@ -199,7 +199,7 @@ def build_run(cfg, workdir: str) -> Run:
   if cfg.init.workdir:  # fine-tuning: start from another run's (or an imported model's) weights
     graphdef, variables = nnx.split(student)
     student = nnx.merge(graphdef, ckpt_lib.restore_model_variables(
-        cfg.init.workdir, variables, keep_fresh=cfg.init.keep_fresh, role='init'))
+        cfg.init.workdir, variables, keep_fresh=cfg.init.keep_fresh, role='init', which=cfg.init.checkpoint))
   phases = [cfg.phases[name] for name in cfg.schedule]
   adapters = objective_lib.Adapters(
       objective_lib.adapter_shapes(phases, student.stage_channels, teacher_channels) if teacher else {},

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -238,3 +239,51 @@ def test_the_best_checkpoint_is_finished_before_the_latest_one_starts(tmp_path, 
       best_steps.add(row['step'])
       best = row['eval/top1']
   assert best_steps and all(finished for step, finished in started if step in best_steps), started
+
+
+def test_a_teacher_is_read_from_its_best_or_its_last_checkpoint(tmp_path, teacher_workdir):
+  """teacher.checkpoint='last' reads checkpoints/'s newest step, 'best' the best/ one (here a later step of other
+  weights is written to checkpoints/); a run with only best/ serves both; another choice is refused."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from kdjax import checkpoint as ckpt_lib
+  from kdjax import teachers
+  from kdjax.models import create_model
+  workdir = str(tmp_path / 'teacher')
+  shutil.copytree(teacher_workdir, workdir)
+
+  def fresh():
+    return nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16))
+
+  def kernel(variables):
+    return np.asarray(variables['head']['fc']['kernel'].get_value())
+
+  best = ckpt_lib.restore_model_variables(workdir, fresh()[1], which='best')
+  _, params, rest = nnx.split(nnx.merge(fresh()[0], best), nnx.Param, ...)
+  later = {'params': jax.tree.map(lambda x: 2.0 * np.asarray(x) + 1.0, nnx.to_pure_dict(params)),
+           'model_state': nnx.to_pure_dict(rest)}
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  step = max(manager.all_steps()) + 1
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(later), meta=ocp.args.JsonSave({})))
+  manager.wait_until_finished()
+  manager.close()
+  last = ckpt_lib.restore_model_variables(workdir, fresh()[1], which='last')
+  np.testing.assert_allclose(kernel(last), 2.0 * kernel(best) + 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(kernel(ckpt_lib.restore_model_variables(workdir, fresh()[1])), kernel(best))
+
+  cfg = tiny.get_config('kd')
+  cfg.teacher.workdir = workdir
+  mean, std = export.recorded_normalization(workdir)
+  for which, expected in (('last', 2.0 * kernel(best) + 1.0), ('best', kernel(best))):
+    cfg.teacher.checkpoint = which
+    config_lib.validate(cfg)
+    teacher = teachers.restore_teacher(cfg, num_classes=10, image_shape=(8, 8, 1), dtype=jnp.float32, mean=mean,
+                                       std=std)
+    np.testing.assert_allclose(np.asarray(teacher.head.fc.kernel.get_value()), expected, rtol=1e-6)
+
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))  # an import's layout, or a kill during the first save
+  np.testing.assert_array_equal(kernel(ckpt_lib.restore_model_variables(workdir, fresh()[1], which='last')),
+                                kernel(best))
+  cfg.teacher.checkpoint = 'final'
+  with pytest.raises(UserError, match='teacher.checkpoint.*choose one of: best, last'):
+    config_lib.validate(cfg)
