@@ -4,12 +4,13 @@ SGD lr 0.05, batch 64, 240 epochs, x0.1 at epochs 150/180/210, weight decay 5e-4
 Args: `teacher` (resnet32x4 on labels), `kd` (CE weight 0.1 + KD weight 0.9 at T=4), `dkd` (CE + DKD with
 alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embeddings of the pooled last stage,
 each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
-RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `ce` (the student on labels).
+RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `fitnets` (CE + 100 x the MSE of
+the second stage's map through the references' conv-BN-ReLU regressor), `ce` (the student on labels).
 Data: `cifar100` from tfds (needs `tfds build cifar100` with internet) or `--config.data.dataset=PATH` of an image
 folder / .tar.gz; `:kd,cifar10` runs the same recipe on `../shared/data/cifar10-jpeg.tar.gz`.
 Commands, the teacher first (each student reads the workdir its teacher command runs in without --workdir):
   python main.py --config configs/cifar100_benchmark.py:teacher     # -> workdirs/cifar100_benchmark_teacher
-  python main.py --config configs/cifar100_benchmark.py:kd          # or :dkd, :crd, :ce
+  python main.py --config configs/cifar100_benchmark.py:kd          # or :dkd, :crd, :fitnets, :ce
   python main.py --config configs/cifar100_benchmark.py:teacher,cifar10 && ... :kd,cifar10   # on CIFAR-10
 CRD contrasts with InfoNCE, not the paper's NCE (see `kdjax.losses.crd_nce`), on every dataset. Not yet run on a
 GPU; `cifar10_methods.py` runs the same methods at a CPU budget.
@@ -32,6 +33,11 @@ METHOD_LOSSES = {
                                   'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
                                                    warmup_epochs=float(warmup_epochs))},
     'crd': lambda warmup_epochs: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)},
+    # FitNets as RepDistiller runs it (no separate hint stage): CE + 100 x MSE of the second stage's output (its
+    # hint layer 2) through the reference regressor, conv-BN-ReLU, trained jointly.
+    'fitnets': lambda warmup_epochs: {'ce': loss_term('ce'),
+                                      'hint': loss_term('feature_mse', weight=100.0, student_stage=2, teacher_stage=2,
+                                                        adapter='always', regressor='conv_bn_relu')},
 }
 
 

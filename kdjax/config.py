@@ -332,14 +332,21 @@ def _check_ranges(cfg) -> None:
 
 def differing_keys(current: dict, recorded: dict) -> list[str]:
   """The dotted keys where two configs (as JSON dicts) differ. A key the recorded config lacks counts as equal when
-  the current value is its default: runs recorded before kdjax added a key stay resumable and reusable."""
+  the current value is its default (a loss term's argument: its kind's default): runs recorded before kdjax added a
+  key stay resumable and reusable."""
   defaults, template = _flat_json(json.loads(base_config().to_json_best_effort())), _flat_json(
       json.loads(phase(1, {}).to_json_best_effort()))
   now, before = _flat_json(current), _flat_json(recorded)
 
   def default(key):
     parts = key.split('.')
-    return template.get('.'.join(parts[2:])) if parts[0] == 'phases' else defaults.get(key)
+    if parts[0] != 'phases':
+      return defaults.get(key)
+    if len(parts) == 5 and parts[2] == 'losses':  # a loss term's argument: its kind's default
+      from kdjax import objective  # late: objective imports jax
+      term = objective.TERMS.get(json.loads(now.get('.'.join(parts[:4]) + '.kind', 'null')))
+      return json.dumps(term.defaults[parts[4]], sort_keys=True) if term and parts[4] in term.defaults else None
+    return template.get('.'.join(parts[2:]))
 
   return sorted(key for key in now.keys() | before.keys() if now.get(key) != before.get(key)
                 and not (key not in before and now[key] == default(key)))

@@ -4,8 +4,8 @@ returning `(loss, terms, memory)`.
 Each loss *term* is an entry of `TERMS`: which arguments it takes (with defaults and checks), whether it needs the
 teacher, and how it maps model outputs to a `kdjax.losses` function. Outputs are `(logits, features)` pairs, so a
 term chooses which feature map feeds it by index. Feature terms whose student and teacher channel counts differ get
-a learned 1x1 adapter (FitNets' regressor), kept in a separate `Adapters` module next to the student and trained
-with it.
+a learned adapter (FitNets' regressor: a 1x1 map, or the reference code's conv-BN-ReLU), kept in a separate
+`Adapters` module next to the student and trained with it.
 
 A term may keep *memory* across steps (CRD's banks of past embeddings, one row per training example): it declares
 `init_memory`, its `compute` also takes the memory, the batch's example indices and a key, and returns the updated
@@ -79,9 +79,11 @@ def _adapted(args, student_out, teacher_out, adapters):
 def feature_term(loss_fn, *, same_channels=False, pool=None, **extra_defaults):
   """A term on one student and one teacher feature map (by stage index; -1 = the last, the head's input):
   `loss_fn(student_map, teacher_map, **extra)`. Its arguments are `student_stage`, `teacher_stage`, `adapter`
-  ('auto' with `same_channels`: a learned 1x1 map where channel counts differ; else 'never'), `pool` when given
-  ('avg': global average pooling of both maps first) and `extra_defaults`, which configs may set."""
-  defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else 'never', **extra_defaults)
+  ('auto' with `same_channels`: a learned map where channel counts differ; else 'never'), `regressor` (what that
+  map is, see `REGRESSORS`), `pool` when given ('avg': global average pooling of both maps first) and
+  `extra_defaults`, which configs may set."""
+  defaults = dict(student_stage=-1, teacher_stage=-1, adapter='auto' if same_channels else 'never',
+                  regressor='linear', **extra_defaults)
   if pool is not None:
     defaults['pool'] = pool
   return Term(
@@ -145,7 +147,9 @@ def _crd_memory(a, num_examples, key):
 
 _TEMPERATURE = dict(temperature=_positive('temperature'))
 _ADAPTER = dict(adapter=lambda v: None if v in ('auto', 'always', 'never') else
-                f"`adapter` must be 'auto' (where channels differ), 'always' or 'never', got {v!r}")
+                f"`adapter` must be 'auto' (where channels differ), 'always' or 'never', got {v!r}",
+                regressor=lambda v: None if v in REGRESSORS else
+                f"`regressor` must be one of {', '.join(sorted(REGRESSORS))}, got {v!r}")
 
 TERMS: dict[str, Term] = {
     'ce': Term(compute=lambda a, s, t, y, ad, epoch: losses.cross_entropy(s[0], y, **a),
@@ -225,23 +229,53 @@ def term_args(term_cfg) -> dict[str, Any]:
 
 
 def adapter_key(args) -> str:
-  return f's{args["student_stage"]}_t{args["teacher_stage"]}'
+  """One adapter per (student stage, teacher stage, regressor): terms on the same maps share it."""
+  suffix = '' if args.get('regressor', 'linear') == 'linear' else f'_{args["regressor"]}'
+  return f's{args["student_stage"]}_t{args["teacher_stage"]}{suffix}'
+
+
+class ConvBNReLU(nnx.Module):
+  """FitNets' regressor as RepDistiller and mdistiller build it for maps of one spatial size (their `ConvReg`): a
+  1x1 convolution, BatchNorm, ReLU.
+
+  The references run it in training only, where BatchNorm normalises with the batch's statistics; its running
+  averages are never read, so none are kept here (the batch's mean and variance, then a learned scale and shift).
+  The convolution has no bias: the normalisation would subtract it again."""
+
+  def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.conv = nnx.Linear(c_in, c_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.scale = nnx.Param(jnp.ones((c_out,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((c_out,), jnp.float32))
+
+  def __call__(self, x):
+    y = self.conv(x).astype(jnp.float32)
+    axes = tuple(range(y.ndim - 1))  # the batch and, for maps, H and W: all but the channels
+    y = (y - y.mean(axes)) * jax.lax.rsqrt(y.var(axes) + 1e-5) * self.scale.get_value() + self.bias.get_value()
+    return jax.nn.relu(y).astype(x.dtype)
+
+
+# What a feature term's `regressor` (its adapter) is: (in channels, out channels, rngs, dtype) -> module. `linear` is
+# a learned 1x1 map (a 1x1 convolution on NHWC maps equals a Dense on the last axis, so one `nnx.Linear` serves conv
+# and MLP features); `conv_bn_relu` is the reference code's FitNets regressor.
+REGRESSORS: dict[str, Callable[..., nnx.Module]] = {
+    'linear': lambda c_in, c_out, rngs, dtype: nnx.Linear(c_in, c_out, use_bias=False, dtype=dtype,
+                                                          param_dtype=jnp.float32, rngs=rngs),
+    'conv_bn_relu': lambda c_in, c_out, rngs, dtype: ConvBNReLU(c_in, c_out, rngs=rngs, dtype=dtype),
+}
 
 
 class Adapters(nnx.Module):
-  """Learned 1x1 maps from student to teacher channels, one per (student stage, teacher stage) pair that needs one.
+  """The learned maps of feature terms: adapters from student to teacher channels, one per (student stage,
+  teacher stage, regressor) that a term needs, and CRD's embedding heads. `shapes` is `adapter_shapes`'s
+  {key: (in channels, out channels, regressor)}."""
 
-  A 1x1 convolution on NHWC maps equals a Dense on the last axis, so one `nnx.Linear` serves conv and MLP features.
-  """
-
-  def __init__(self, shapes: dict[str, tuple[int, int]], *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.maps = nnx.Dict({key: nnx.Linear(c_in, c_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                                          rngs=rngs)
-                          for key, (c_in, c_out) in sorted(shapes.items())})
+  def __init__(self, shapes: dict[str, tuple[int, int, str]], *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.maps = nnx.Dict({key: REGRESSORS[kind](c_in, c_out, rngs, dtype)
+                          for key, (c_in, c_out, kind) in sorted(shapes.items())})
 
 
-def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tuple[int, int]]:
-  """The adapters all phases' feature terms need: {key: (student channels, teacher channels)}."""
+def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tuple[int, int, str]]:
+  """The adapters all phases' feature terms need: {key: (student channels, teacher channels, regressor)}."""
   shapes, heads_of = {}, {}
   for ph in phases:
     for name, term_cfg in ph.losses.items():
@@ -259,9 +293,10 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
           raise UserError(f'loss term `{name}` ({term_cfg.kind}) is set to {heads_of[name]} in one phase and '
                           f'{setting} in another; its learned heads and memory are kept by name, so give the '
                           'terms of different maps different names')
-        shapes.update(TERMS[term_cfg.kind].heads(name, args, c_in, c_out))
+        shapes.update({key: (*shape, 'linear') for key, shape in TERMS[term_cfg.kind].heads(name, args, c_in,
+                                                                                              c_out).items()})
       elif _uses_adapter(args, c_in, c_out):
-        shapes[adapter_key(args)] = (c_in, c_out)
+        shapes[adapter_key(args)] = (c_in, c_out, args['regressor'])
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:
         raise UserError(f'feature loss: student stage {args["student_stage"]} has {c_in} channels, teacher stage '
                         f'{args["teacher_stage"]} has {c_out}; set adapter=\'auto\' to learn a 1x1 adapter')

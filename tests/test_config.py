@@ -118,6 +118,19 @@ def test_a_run_recorded_before_a_key_existed_still_matches():
   assert config_lib.differing_keys(current, recorded) == ['phases.train.epochs']
 
 
+def test_a_loss_term_recorded_before_an_argument_existed_still_matches():
+  """A loss term's argument added since (here feature_mse's `regressor`) counts at its kind's default."""
+  cfg = tiny.get_config('ce')
+  cfg.phases.train.losses.hint = config_lib.loss_term('feature_mse', weight=0.5)
+  current = json.loads(cfg.to_json_best_effort())
+  recorded = copy.deepcopy(current)
+  del recorded['phases']['train']['losses']['hint']['regressor']
+  assert config_lib.differing_keys(current, recorded) == []
+  cfg.phases.train.losses.hint.regressor = 'conv_bn_relu'
+  assert config_lib.differing_keys(json.loads(cfg.to_json_best_effort()), recorded) == [
+      'phases.train.losses.hint.regressor']
+
+
 def test_only_the_scheduled_phases_decide_whether_a_teacher_is_needed():
   cfg = tiny.get_config('stagewise')  # feature phases need the teacher, the classifier phase does not
   assert cfg.teacher.workdir == '' and config_lib.uses_teacher(cfg)

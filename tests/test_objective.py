@@ -38,14 +38,54 @@ def test_feature_mse_learns_an_adapter_only_where_channels_differ():
   phase = config_lib.phase(1, {
       'a': config_lib.loss_term('feature_mse', student_stage=0, teacher_stage=0),
       'b': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1)})
-  assert objective_lib.adapter_shapes([phase], (8, 16), (8, 32)) == {'s1_t1': (16, 32)}
-  adapters = objective_lib.Adapters({'s1_t1': (16, 32)}, rngs=nnx.Rngs(0))
+  assert objective_lib.adapter_shapes([phase], (8, 16), (8, 32)) == {'s1_t1': (16, 32, 'linear')}
+  adapters = objective_lib.Adapters({'s1_t1': (16, 32, 'linear')}, rngs=nnx.Rngs(0))
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   objective, _ = objective_lib.build_objective(phase.losses)
   _, terms, _ = objective(student, teacher, None, adapters, 0)
   mapped = adapters.maps['s1_t1'](student[1][1])
   np.testing.assert_allclose(terms['b'], jnp.mean((mapped - teacher[1][1]) ** 2), rtol=1e-6)
   np.testing.assert_allclose(terms['a'], jnp.mean((student[1][0] - teacher[1][0]) ** 2), rtol=1e-6)
+
+
+def test_the_conv_bn_relu_regressor_normalises_with_the_batch_statistics():
+  """FitNets' reference regressor: relu(BN(x W)) with the batch's mean and (biased) variance per channel, over the
+  batch and the map's H and W; at its initial scale 1 and shift 0 each channel is standardised before the ReLU."""
+  regressor = objective_lib.ConvBNReLU(3, 5, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3)) * 3.0 + 1.0
+  kernel = np.asarray(regressor.conv.kernel.get_value())
+  y = np.asarray(x) @ kernel
+  standardised = (y - y.mean(axis=(0, 1, 2))) / np.sqrt(y.var(axis=(0, 1, 2)) + 1e-5)
+  np.testing.assert_allclose(regressor(x), np.maximum(standardised, 0.0), rtol=1e-4, atol=1e-5)
+  regressor.scale.set_value(jnp.full((5,), 2.0))
+  regressor.bias.set_value(jnp.full((5,), -0.5))
+  np.testing.assert_allclose(regressor(x), np.maximum(2.0 * standardised - 0.5, 0.0), rtol=1e-4, atol=1e-5)
+
+
+def test_a_feature_term_chooses_its_regressor():
+  """regressor='conv_bn_relu' gives the term an adapter of its own (also on equal channels, with adapter='always'),
+  beside a linear one on the same maps; the term is the MSE through it, and every parameter of it gets a gradient."""
+  phase = config_lib.phase(1, {
+      'fitnets': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1, adapter='always',
+                                      regressor='conv_bn_relu'),
+      'plain': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1)})
+  shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
+  assert shapes == {'s1_t1': (16, 32, 'linear'), 's1_t1_conv_bn_relu': (16, 32, 'conv_bn_relu')}
+  adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
+  assert isinstance(adapters.maps['s1_t1_conv_bn_relu'], objective_lib.ConvBNReLU)
+  student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
+  objective, _ = objective_lib.build_objective(phase.losses)
+  _, terms, _ = objective(student, teacher, None, adapters, 0)
+  mapped = adapters.maps['s1_t1_conv_bn_relu'](student[1][1])
+  np.testing.assert_allclose(terms['fitnets'], jnp.mean((mapped - teacher[1][1]) ** 2), rtol=1e-6)
+  graphdef, params = nnx.split(adapters, nnx.Param)
+  grads = jax.grad(lambda p: objective(student, teacher, None, nnx.merge(graphdef, p), 0)[1]['fitnets'])(params)
+  norms = {'/'.join(map(str, path)): float(jnp.abs(g.get_value()).sum()) for path, g in nnx.to_flat_state(grads)}
+  assert len([k for k in norms if 'conv_bn_relu' in k]) == 3  # the 1x1 kernel, BatchNorm's scale and shift
+  assert all(v > 0 for k, v in norms.items() if 'conv_bn_relu' in k), norms
+  assert all(v == 0 for k, v in norms.items() if 'conv_bn_relu' not in k), norms
+  with pytest.raises(UserError, match='`regressor` must be one of conv_bn_relu, linear'):
+    objective_lib.check_term(config_lib.loss_term('feature_mse', regressor='mlp'), 'phases.train.losses.hint')
 
 
 def test_mismatched_channels_without_adapter_is_a_user_error():
@@ -62,8 +102,8 @@ def test_a_term_without_an_adapter_never_goes_through_another_terms_adapter():
   (adapter='never', its default) on the same pair must read the student's raw map."""
   hint = config_lib.phase(1, {'hint': config_lib.loss_term('feature_mse', student_stage=1, teacher_stage=1)})
   train = config_lib.phase(1, {'at': config_lib.loss_term('at', student_stage=1, teacher_stage=1)})
-  assert objective_lib.adapter_shapes([hint, train], (8, 16), (8, 32)) == {'s1_t1': (16, 32)}
-  adapters = objective_lib.Adapters({'s1_t1': (16, 32)}, rngs=nnx.Rngs(0))
+  assert objective_lib.adapter_shapes([hint, train], (8, 16), (8, 32)) == {'s1_t1': (16, 32, 'linear')}
+  adapters = objective_lib.Adapters({'s1_t1': (16, 32, 'linear')}, rngs=nnx.Rngs(0))
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   objective, _ = objective_lib.build_objective(train.losses)
   _, terms, _ = objective(student, teacher, None, adapters, 0)
@@ -107,7 +147,7 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   phase = config_lib.phase(1, {'c': config_lib.loss_term('crd', embed_dim=6, negatives=5, momentum=0.25)})
   shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
-  assert shapes == {'crd_c_student': (16, 6), 'crd_c_teacher': (32, 6)}
+  assert shapes == {'crd_c_student': (16, 6, 'linear'), 'crd_c_teacher': (32, 6, 'linear')}
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
   memory = objective_lib.init_memory([phase], 30, jax.random.key(0))
   np.testing.assert_allclose(jnp.linalg.norm(memory['c']['student'], axis=-1), 1.0, rtol=1e-5)
@@ -165,7 +205,7 @@ def test_a_registered_term_kind_is_a_config_loss(monkeypatch):
   phase = config_lib.phase(1, {'mine': config_lib.loss_term('l1_maps', weight=0.5, student_stage=0,
                                                             teacher_stage=0)})
   assert dict(phase.losses.mine) == dict(kind='l1_maps', weight=0.5, student_stage=0, teacher_stage=0,
-                                         adapter='never', scale=2.0)
+                                         adapter='never', regressor='linear', scale=2.0)
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 16))
   objective, names = objective_lib.build_objective(phase.losses)
   total, terms, _ = objective(student, teacher, None, objective_lib.Adapters({}, rngs=nnx.Rngs(0)), 0)
