@@ -1,8 +1,10 @@
 """CLU metric collections computed inside the jitted steps; only their reduced values ever reach the host."""
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from clu import metrics
 
 
@@ -54,3 +56,24 @@ def accumulate(total, new):
   """total.merge(new) in total's dtypes (a loop carrying the accumulator must keep its types fixed)."""
   return jax.tree.map(lambda merged, old: merged.astype(old.dtype), total.merge(new), total)
 
+
+
+def to_json(collection) -> dict:
+  """A collection's accumulated values as JSON (names and leaves; float32 values are exact as Python floats), for a
+  checkpoint's meta. It reads the collection from the devices: call it where the loop syncs anyway."""
+  leaves = jax.tree.leaves(jax.device_get(collection))
+  return dict(names=_names(collection), leaves=[value.tolist() for value in leaves])
+
+
+def from_json(empty, record: dict, sharding):
+  """`to_json`'s values back in a collection shaped like `empty` and placed with `sharding`; None when the record
+  holds other metrics."""
+  leaves, treedef = jax.tree.flatten(jax.device_get(empty))
+  if record.get('names') != _names(empty) or len(record.get('leaves', ())) != len(leaves):
+    return None
+  values = [np.asarray(value, dtype=leaf.dtype).reshape(np.shape(leaf)) for value, leaf in zip(record['leaves'], leaves)]
+  return jax.device_put(jax.tree.unflatten(treedef, values), sharding)
+
+
+def _names(collection) -> list[str]:
+  return sorted(f.name for f in dataclasses.fields(collection))

@@ -251,11 +251,20 @@ class Bookkeeping:
   train_images: int = 0
   wall_s: float = 0.0   # of earlier invocations, up to the checkpoint this one resumed from
   started: float = dataclasses.field(default_factory=time.time)
+  window: dict | None = None  # the train metrics accumulated up to the checkpoint resumed from (its meta's)
 
   @classmethod
   def resumed(cls, clock: dict, **kwargs) -> 'Bookkeeping':
     """Picks up the timings a checkpoint recorded (none for a fresh run or an older checkpoint)."""
     return cls(**kwargs, **{name: clock[name] for name in CLOCK if name in clock})
+
+  def resumed_window(self, spec: steps.PhaseStep, step: int, sharding):
+    """The metric accumulator where the checkpoint resumed from left it, when the phase starts at its step with the
+    same metrics; else None (a fresh phase, or a checkpoint from before kdjax recorded it)."""
+    window, self.window = self.window, None
+    if not window or window['step'] != step:
+      return None
+    return metrics_lib.from_json(steps.empty_metrics(spec, sharding), window, sharding)
 
   def clock(self, now: float, steady_s: float, images: int) -> dict:
     """The timings at `now`, with `steady_s` seconds and `images` images of the current phase not yet added."""
@@ -267,16 +276,16 @@ CLOCK = ('compile_s', 'train_s', 'train_images', 'wall_s')  # the timings checkp
 
 
 def restore_or_init(run: Run, checkpoints: ckpt_lib.Checkpoints):
-  """(phase index, optimizer, state, best top-1, timings so far) from the newest good checkpoint, or a fresh
-  start."""
+  """(phase index, optimizer, state, best top-1, timings so far, train metrics since the last log step) from the
+  newest good checkpoint, or a fresh start."""
   restored = checkpoints.restore_latest(lambda meta: jax.tree.map(_abstract, run.phase_state(meta['phase'])[1]))
   if restored is None:
     tx, state = run.phase_state(0)
-    return 0, tx, state, -1.0, {}
+    return 0, tx, state, -1.0, {}, None
   state, meta = restored
   logging.info('resumed from step %d (phase %s)', int(state.step), run.plan.names[meta['phase']])
   return (meta['phase'], run.phase_state(meta['phase'])[0], mesh_lib.replicate(state, run.data.train.mesh),
-          meta['best_top1'], meta.get('clock', {}))
+          meta['best_top1'], meta.get('clock', {}), meta.get('train_window'))
 
 
 def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
@@ -293,7 +302,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   split = (run.data.train.images, run.data.train.labels)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   step = first_step = int(jax.device_get(state.step))
-  acc = steps.empty_metrics(spec, run.replicated)
+  acc = book.resumed_window(spec, step, run.replicated) or steps.empty_metrics(spec, run.replicated)
   order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:
@@ -323,7 +332,7 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
       clock = book.clock(t_pause, t_pause - t_steady - paused_s, (step - first_step - 1) * cfg.batch_size)
       if at_eval:  # the training clock (compile, evaluation and checkpoints excluded) for time-to-accuracy
         _write(book, step, 'time', {'train_s': clock['train_s']})
-      _evaluate_and_save(run, k, step, state, book, at_eval, clock)
+      _evaluate_and_save(run, k, step, state, book, at_eval, clock, acc)
       paused_s += time.time() - t_pause
   jax.block_until_ready(state.step)
   if step > first_step + 1:
@@ -338,10 +347,13 @@ def _write(book: Bookkeeping, step: int, prefix: str, values) -> None:
   book.history.record(step, scalars)
 
 
-def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at_eval: bool, clock: dict) -> None:
+def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at_eval: bool, clock: dict,
+                       acc) -> None:
   """Evaluate (at eval steps) and checkpoint: every eval and phase end by default, else every N steps + the best.
 
-  history.json is saved first, so the rows logged up to a checkpoint outlive a kill after it."""
+  history.json is saved first, so the rows logged up to a checkpoint outlive a kill after it. The meta holds the
+  train metrics accumulated since the last log step (`acc`), so the first row a resumed run logs averages the same
+  steps as an uninterrupted run's."""
   improved = False
   if at_eval:
     book.last_eval = run.evaluate(state, run.data.eval)
@@ -350,7 +362,7 @@ def _evaluate_and_save(run: Run, k: int, step: int, state, book: Bookkeeping, at
     book.best_top1 = max(book.best_top1, book.last_eval['top1'])
   book.history.save()
   meta = dict(phase=k, phase_name=run.plan.names[k], epoch=step / run.plan.steps_per_epoch, best_top1=book.best_top1,
-              clock=clock)
+              clock=clock, train_window=dict(step=step, **metrics_lib.to_json(acc)))
   every_n = run.cfg.checkpoint_every_steps
   if (every_n == 0 and at_eval) or (every_n and step % every_n == 0) or step == run.plan.ends[k]:
     book.checkpoints.save(state, meta, best=improved)
@@ -362,13 +374,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   """Train (or resume) the run described by `cfg` in `workdir`; return its summary."""
   run = build_run(cfg, workdir)
   checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
-  phase_index, tx, state, best_top1, clock = restore_or_init(run, checkpoints)
+  phase_index, tx, state, best_top1, clock, window = restore_or_init(run, checkpoints)
   start_step = int(jax.device_get(state.step))
   writer = writers.create_writer(workdir)
   book = Bookkeeping.resumed(clock, checkpoints=checkpoints, writer=writer,
                              history=report.History(workdir, upto_step=start_step),
                              progress=writers.create_progress(run.plan.ends[-1], writer, cfg.log_every_steps),
-                             best_top1=best_top1)
+                             best_top1=best_top1, window=window)
   for k in range(phase_index, len(run.phases)):
     if run.plan.ends[k] <= start_step:
       continue
