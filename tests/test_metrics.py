@@ -1,4 +1,5 @@
-"""Top-k accuracy: ties and NaNs are not counted as right."""
+"""Top-k accuracy (ties and NaNs are not counted as right); accumulators carried through a checkpoint's JSON meta."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,3 +35,21 @@ def test_agreement_counts_argmax_matches_and_never_a_nan_row():
   teacher = jnp.asarray([[5.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [jnp.nan, 0.0, 0.0]])
   outputs = metrics.classification_outputs(student, jnp.asarray([0, 0, 1, 0]), teacher)
   np.testing.assert_array_equal(outputs['agreement'], [1, 0, 0, 0])
+
+
+def test_an_accumulator_survives_json_exactly_and_only_into_the_same_metrics():
+  """A checkpoint's meta carries the accumulated train metrics: JSON and back gives the same totals and counts in
+  their dtypes; a record of other metrics (another phase's terms) is not taken."""
+  import json
+  collection = metrics.collection(['loss', 'top1'])
+  acc = collection.empty()
+  for values in ([1.0, 2.0], [0.1, 0.7]):
+    outputs = dict(loss=jnp.asarray(values, jnp.float32), top1=jnp.asarray(values, jnp.float32) / 3)
+    acc = metrics.accumulate(acc, collection.single_from_model_output(**outputs))
+  record = json.loads(json.dumps(metrics.to_json(acc)))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  back = metrics.from_json(collection.empty(), record, sharding)
+  for restored, original in zip(jax.tree.leaves(back), jax.tree.leaves(acc)):
+    assert restored.dtype == original.dtype
+    np.testing.assert_array_equal(restored, original)
+  assert metrics.from_json(metrics.collection(['loss', 'top1', 'kd']).empty(), record, sharding) is None
