@@ -57,7 +57,6 @@ def accumulate(total, new):
   return jax.tree.map(lambda merged, old: merged.astype(old.dtype), total.merge(new), total)
 
 
-
 def to_json(collection) -> dict:
   """A collection's accumulated values as JSON (names and leaves; float32 values are exact as Python floats), for a
   checkpoint's meta. It reads the collection from the devices: call it where the loop syncs anyway."""
@@ -71,7 +70,8 @@ def from_json(empty, record: dict, sharding):
   leaves, treedef = jax.tree.flatten(jax.device_get(empty))
   if record.get('names') != _names(empty) or len(record.get('leaves', ())) != len(leaves):
     return None
-  values = [np.asarray(value, dtype=leaf.dtype).reshape(np.shape(leaf)) for value, leaf in zip(record['leaves'], leaves)]
+  values = [np.asarray(value, dtype=leaf.dtype).reshape(np.shape(leaf))
+            for value, leaf in zip(record['leaves'], leaves)]
   return jax.device_put(jax.tree.unflatten(treedef, values), sharding)
 
 

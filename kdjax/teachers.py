@@ -2,8 +2,9 @@
 
 `teacher.workdir` names one run or a comma-separated list of runs (`runs/t1,runs/t2,runs/t3`). Each run's model is
 rebuilt from what that run recorded, so ensemble members may differ in architecture, and filled from its own best
-(or, with `teacher.checkpoint='last'`, final) checkpoint. Several members become one `kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits,
-features = the first member's), so the trainer sees one model either way and nothing downstream changes.
+(or, with `teacher.checkpoint='last'`, final) checkpoint. Several members become one
+`kdjax.models.ensemble.Ensemble` (logits = mean of the members' logits, features = the first member's), so the
+trainer sees one model either way and nothing downstream changes.
 
 A teacher gets its inputs normalised as in its own training: the student's pipeline normalises with the student
 run's statistics, and `InputRenormalized` maps them to the teacher's recorded ones (an imported ImageNet model's,

@@ -302,7 +302,9 @@ def train_phase(run: Run, k: int, tx, state, book: Bookkeeping):
   split = (run.data.train.images, run.data.train.labels)
   eval_every = max(1, int(round(cfg.eval_every_epochs * plan.steps_per_epoch)))
   step = first_step = int(jax.device_get(state.step))
-  acc = book.resumed_window(spec, step, run.replicated) or steps.empty_metrics(spec, run.replicated)
+  acc = book.resumed_window(spec, step, run.replicated)
+  if acc is None:
+    acc = steps.empty_metrics(spec, run.replicated)
   order, order_epoch, paused_s = None, None, 0.0
   logging.info('phase %s: steps %d..%d', plan.names[k], step, plan.ends[k])
   while step < plan.ends[k]:
