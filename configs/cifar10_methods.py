@@ -6,7 +6,8 @@ warm-up; CRD weight 0.8 with memory banks of every training example; FitNets CE 
 same optimizer (SGD 0.05, momentum 0.9, weight decay 5e-4, batch 64, crop+flip, x0.1 at 150/180/210 of 240
 epochs), with the schedule and DKD's warm-up (20 of 240 epochs) scaled to `EPOCHS`. The teacher is
 `cifar10_teacher.py:resnet20_cpu` (82.6%). DKD keeps the recipe's beta 8, which mdistiller uses for resnet32x4 ->
-resnet8x4; for its small-ResNet pairs (resnet56 -> resnet20) it uses 2, so this config's DKD row is the recipe's, not a DKD tuned for this pair.
+resnet8x4; for its small-ResNet pairs (resnet56 -> resnet20) it uses 2, so this config's DKD row is the recipe's,
+not a DKD tuned for this pair.
 
 Commands (teacher first; see `cifar10_stagewise.py`):
   python main.py --config configs/cifar10_methods.py:kd --workdir workdirs/cifar10_methods_kd
