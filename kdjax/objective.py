@@ -234,7 +234,7 @@ def adapter_key(args) -> str:
   return f's{args["student_stage"]}_t{args["teacher_stage"]}{suffix}'
 
 
-class ConvBNReLU(nnx.Module):
+class ConvBNReLURegressor(nnx.Module):
   """FitNets' regressor as RepDistiller and mdistiller build it for maps of one spatial size (their `ConvReg`): a
   1x1 convolution, BatchNorm, ReLU.
 
@@ -260,7 +260,7 @@ class ConvBNReLU(nnx.Module):
 REGRESSORS: dict[str, Callable[..., nnx.Module]] = {
     'linear': lambda c_in, c_out, rngs, dtype: nnx.Linear(c_in, c_out, use_bias=False, dtype=dtype,
                                                           param_dtype=jnp.float32, rngs=rngs),
-    'conv_bn_relu': lambda c_in, c_out, rngs, dtype: ConvBNReLU(c_in, c_out, rngs=rngs, dtype=dtype),
+    'conv_bn_relu': lambda c_in, c_out, rngs, dtype: ConvBNReLURegressor(c_in, c_out, rngs=rngs, dtype=dtype),
 }
 
 

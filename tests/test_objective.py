@@ -51,7 +51,7 @@ def test_feature_mse_learns_an_adapter_only_where_channels_differ():
 def test_the_conv_bn_relu_regressor_normalises_with_the_batch_statistics():
   """FitNets' reference regressor: relu(BN(x W)) with the batch's mean and (biased) variance per channel, over the
   batch and the map's H and W; at its initial scale 1 and shift 0 each channel is standardised before the ReLU."""
-  regressor = objective_lib.ConvBNReLU(3, 5, rngs=nnx.Rngs(0))
+  regressor = objective_lib.ConvBNReLURegressor(3, 5, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3)) * 3.0 + 1.0
   kernel = np.asarray(regressor.conv.kernel.get_value())
   y = np.asarray(x) @ kernel
@@ -72,7 +72,7 @@ def test_a_feature_term_chooses_its_regressor():
   shapes = objective_lib.adapter_shapes([phase], (8, 16), (8, 32))
   assert shapes == {'s1_t1': (16, 32, 'linear'), 's1_t1_conv_bn_relu': (16, 32, 'conv_bn_relu')}
   adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
-  assert isinstance(adapters.maps['s1_t1_conv_bn_relu'], objective_lib.ConvBNReLU)
+  assert isinstance(adapters.maps['s1_t1_conv_bn_relu'], objective_lib.ConvBNReLURegressor)
   student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
   objective, _ = objective_lib.build_objective(phase.losses)
   _, terms, _ = objective(student, teacher, None, adapters, 0)
