@@ -378,7 +378,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
   checkpoints = ckpt_lib.Checkpoints(workdir, cfg.keep_checkpoints)
   phase_index, tx, state, best_top1, clock, window = restore_or_init(run, checkpoints)
   start_step = int(jax.device_get(state.step))
-  writer = writers.create_writer(workdir)
+  writer = writers.create_writer(workdir, upto_step=start_step)
   book = Bookkeeping.resumed(clock, checkpoints=checkpoints, writer=writer,
                              history=report.History(workdir, upto_step=start_step),
                              progress=writers.create_progress(run.plan.ends[-1], writer, cfg.log_every_steps),

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import tempfile
 import time
 from typing import Mapping
 
@@ -88,11 +89,56 @@ class MultiWriter:
     return call_all
 
 
-def create_writer(workdir: str, backend: str = 'auto'):
+def _is_event_file(name: str) -> bool:
+  """TensorBoard's own test of an event file's name (`io_wrapper.IsTensorFlowEventsFile`)."""
+  return 'tfevents' in name
+
+
+def cut_event_files(workdir: str, upto_step: int) -> int:
+  """Drop every event after `upto_step` from the event files in `workdir`; return how many were dropped.
+
+  A resumed run redoes the steps after its checkpoint and logs them again, into a new event file. TensorBoard's
+  data server keeps every point it reads, so without this cut the redone steps show twice (`report.History` cuts
+  history.json back the same way). A file is rewritten to a hidden temporary whose name TensorBoard ignores, then
+  renamed over itself: a crash leaves it whole, and its name, which orders the files, is kept. Records are copied
+  as they were written (CLU's TF summaries or the TF-free writer's), and a record cut short by a kill is dropped.
+  """
+  from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.record_writer import RecordWriter
+  dropped = 0
+  for name in sorted(filter(_is_event_file, os.listdir(workdir))):
+    path = os.path.join(workdir, name)
+    records = list(RawEventFileLoader(path).Load())
+    kept = [r for r in records if event_pb2.Event.FromString(r).step <= upto_step]
+    if len(kept) == len(records) and os.path.getsize(path) == _records_size(records):
+      continue
+    fd, temporary = tempfile.mkstemp(prefix='.events-cut-', dir=workdir)
+    with os.fdopen(fd, 'wb') as f:
+      out = RecordWriter(f)
+      for record in kept:
+        out.write(record)
+    os.chmod(temporary, os.stat(path).st_mode & 0o777)  # mkstemp's file is private; keep the original's mode
+    os.replace(temporary, path)
+    dropped += len(records) - len(kept)
+  return dropped
+
+
+def _records_size(records) -> int:
+  """Bytes of these records in the TFRecord format: a 12-byte header and a 4-byte checksum around each."""
+  return sum(len(r) + 16 for r in records)
+
+
+def create_writer(workdir: str, backend: str = 'auto', upto_step: int | None = None):
   """CLU's default writer (backend 'clu'), the TF-free one ('tensorboard'), or CLU where it imports ('auto').
 
-  Only process 0 writes event files; other processes log to the console.
+  Only process 0 writes event files; other processes log to the console. A run resumed at `upto_step` first drops
+  the events its earlier invocations wrote after that step (see `cut_event_files`).
   """
+  if upto_step is not None and jax.process_index() == 0 and os.path.isdir(workdir):
+    dropped = cut_event_files(workdir, upto_step)
+    if dropped:
+      logging.info('dropped %d TensorBoard events after step %d, which this run logs again', dropped, upto_step)
   if _backend(backend) == 'clu':
     from clu import metric_writers
     return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -28,6 +28,7 @@ from kdjax.data import augment
 from kdjax.data import sources
 from kdjax.models import create_model
 from tests.conftest import ROOT, TINY, run_main
+from tests.test_writers import events_by_tag_and_step
 from tests.tiny_configs import tiny
 
 
@@ -140,6 +141,12 @@ def _logged(workdir):
   return [row for row in rows if len(row) > 1]
 
 
+def _train_and_eval_events(workdir):
+  """The train and eval scalars of the TensorBoard event files, {(tag, step): [value, ...]}."""
+  return {key: values for key, values in events_by_tag_and_step(workdir).items()
+          if key[0].startswith(('train/', 'eval/'))}
+
+
 @pytest.mark.parametrize('variant', ['ce', 'stagewise'])
 def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
   """SIGKILL 3 times, resume: the same final state as no interruption.
@@ -162,6 +169,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
   # The logged curves too: each train row averages the same steps (the checkpoint carries the metrics accumulated
   # since the last log step), and each eval row evaluates the same state.
   assert _logged(whole) == _logged(interrupted)
+  # And TensorBoard's: the events the killed invocations wrote after their checkpoints are dropped on resume.
+  assert _train_and_eval_events(whole) == _train_and_eval_events(interrupted)
   print(f'{variant}: SIGKILL after checkpoints {killed_at}, resumed each time; final step {int(b["step"])}; '
         f'{len(a) - 1} arrays bit-identical to the uninterrupted run')
   if variant == 'stagewise':

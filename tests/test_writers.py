@@ -80,3 +80,56 @@ def test_tensorflow_free_progress_reports_every_n_steps_and_the_last():
   for step in range(1, 26):
     progress(step)
   assert recorder.steps == [10, 20, 25]
+
+
+def events_by_tag_and_step(logdir):
+  """{(tag, step): [value, ...]} over every event file, as written: TensorBoard's data server shows each of them
+  (the legacy EventAccumulator above would hide repeats by purging out-of-order steps)."""
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  points = {}
+  for name in sorted(os.listdir(logdir)):
+    assert not name.startswith('.events-cut-'), 'a temporary was left behind'
+    if 'tfevents' not in name:
+      continue
+    for event in EventFileLoader(os.path.join(logdir, name)).Load():
+      for value in event.summary.value:
+        number = (value.simple_value if value.HasField('simple_value')
+                  else float(tensor_util.make_ndarray(value.tensor)))
+        points.setdefault((value.tag, event.step), []).append(number)
+  return points
+
+
+@pytest.mark.parametrize('backend', ['tensorboard', 'clu'])
+def test_a_resumed_run_logs_each_step_once(tmp_path, backend):
+  """A run killed after logging steps 1-4, resumed from its checkpoint at step 2, logs 3 and 4 again: the event
+  files then hold steps 3 and 4 once, with the resumed run's values, and the first file keeps its name."""
+  if backend == 'clu':
+    pytest.importorskip('tensorflow')
+  first = writers.create_writer(str(tmp_path), backend=backend, upto_step=0)
+  for step in range(1, 5):
+    first.write_scalars(step, {'train/loss': float(step)})
+  first.close()
+  (name,) = [n for n in os.listdir(tmp_path) if 'tfevents' in n]
+  mode = os.stat(tmp_path / name).st_mode
+  second = writers.create_writer(str(tmp_path), backend=backend, upto_step=2)
+  for step in (3, 4):
+    second.write_scalars(step, {'train/loss': 10.0 * step})
+  second.close()
+  assert events_by_tag_and_step(str(tmp_path)) == {
+      ('train/loss', 1): [1.0], ('train/loss', 2): [2.0], ('train/loss', 3): [30.0], ('train/loss', 4): [40.0]}
+  assert os.stat(tmp_path / name).st_mode == mode
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_and_the_rest_kept(tmp_path):
+  writer = writers.create_writer(str(tmp_path), backend='tensorboard')
+  writer.write_scalars(1, {'train/loss': 1.0})
+  writer.write_scalars(2, {'train/loss': 2.0})
+  writer.close()
+  (name,) = [n for n in os.listdir(tmp_path) if 'tfevents' in n]
+  path = tmp_path / name
+  whole = path.read_bytes()
+  path.write_bytes(whole + whole[-30:-5])  # half a record: a kill in the middle of a write
+  assert writers.cut_event_files(str(tmp_path), upto_step=5) == 0
+  assert path.read_bytes() == whole
+  assert writers.cut_event_files(str(tmp_path), upto_step=1) == 1
+  assert events_by_tag_and_step(str(tmp_path)) == {('train/loss', 1): [1.0]}
