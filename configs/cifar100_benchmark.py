@@ -2,8 +2,8 @@
 
 SGD lr 0.05, batch 64, 240 epochs, x0.1 at epochs 150/180/210, weight decay 5e-4, momentum 0.9, crop+flip.
 Args: `teacher` (resnet32x4 on labels), `kd` (CE weight 0.1 + KD weight 0.9 at T=4), `dkd` (CE + DKD with
-alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d embeddings of the pooled last stage,
-each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
+alpha 1, beta 8, T 4, 20-epoch warm-up), `crd` (CE + CRD weight 0.8: 128-d affine embeddings of the pooled last
+stage, each contrasted with the example's own row of the other side's memory bank against 16384 random rows as in
 RepDistiller (`nce_k`), those of its class left out; nce_t 0.07, momentum 0.5), `fitnets` (CE + 100 x the MSE of
 the second stage's map through the references' conv-BN-ReLU regressor), `ce` (the student on labels).
 Data: `cifar100` from tfds (needs `tfds build cifar100` with internet) or `--config.data.dataset=PATH` of an image
@@ -32,7 +32,8 @@ METHOD_LOSSES = {
     'dkd': lambda warmup_epochs: {'ce': loss_term('ce'),
                                   'dkd': loss_term('dkd', alpha=1.0, beta=8.0, temperature=4.0,
                                                    warmup_epochs=float(warmup_epochs))},
-    'crd': lambda warmup_epochs: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8)},
+    # CRD's embedding heads are affine, as RepDistiller's `Embed` (an nn.Linear with its bias).
+    'crd': lambda warmup_epochs: {'ce': loss_term('ce'), 'crd': loss_term('crd', weight=0.8, head_bias=True)},
     # FitNets as RepDistiller runs it (no separate hint stage): CE + 100 x MSE of the second stage's output (its
     # hint layer 2) through the reference regressor, conv-BN-ReLU, trained jointly.
     'fitnets': lambda warmup_epochs: {'ce': loss_term('ce'),

@@ -49,8 +49,8 @@ class Term:
   # and returns (value, new memory).
   init_memory: Callable[..., dict] | None = None
   # Terms with learned heads of their own (instead of an adapter): (name, args, student channels, teacher
-  # channels) -> {adapter key: (in, out)}.
-  heads: Callable[..., dict[str, tuple[int, int]]] | None = None
+  # channels) -> {adapter key: (in, out, regressor)}.
+  heads: Callable[..., dict[str, tuple[int, int, str]]] | None = None
 
 
 def _global_pool(x):
@@ -131,9 +131,13 @@ def _crd(a, s, t, y, ad, epoch, memory, index, key):
 
 
 def _crd_head_shapes(name, a, student_channels, teacher_channels):
-  """Two embedding heads, one per side, into the same `embed_dim` space."""
+  """Two embedding heads, one per side, into the same `embed_dim` space: linear maps, with a bias where
+  `head_bias` (the reference code's `Embed` is an `nn.Linear` with one; kdjax's default has none, as its recorded
+  CRD runs had)."""
   student_head, teacher_head = _crd_heads(name)
-  return {student_head: (student_channels, a['embed_dim']), teacher_head: (teacher_channels, a['embed_dim'])}
+  kind = 'affine' if a['head_bias'] else 'linear'
+  return {student_head: (student_channels, a['embed_dim'], kind), teacher_head: (teacher_channels, a['embed_dim'],
+                                                                                kind)}
 
 
 def _crd_memory(a, num_examples, key):
@@ -171,10 +175,12 @@ TERMS: dict[str, Term] = {
     'pkt': feature_term(losses.pkt, pool='avg'),
     # Contrastive representation distillation, with its memory banks in the train state (see `_crd`).
     'crd': Term(compute=_crd, defaults=dict(student_stage=-1, teacher_stage=-1, embed_dim=128, negatives=4096,
-                                            nce_t=0.07, momentum=0.5),
+                                            nce_t=0.07, momentum=0.5, head_bias=False),
                 needs_teacher=True, uses_features=True, init_memory=_crd_memory, heads=_crd_head_shapes,
                 checks=dict(embed_dim=_positive('embed_dim'), negatives=_positive('negatives'),
-                            nce_t=_positive('nce_t'), momentum=_unit_interval('momentum'))),
+                            nce_t=_positive('nce_t'), momentum=_unit_interval('momentum'),
+                            head_bias=lambda v: None if isinstance(v, bool) else
+                            f'`head_bias` must be True or False, got {v!r}')),
 }
 
 
@@ -256,9 +262,11 @@ class ConvBNReLURegressor(nnx.Module):
 
 # What a feature term's `regressor` (its adapter) is: (in channels, out channels, rngs, dtype) -> module. `linear` is
 # a learned 1x1 map (a 1x1 convolution on NHWC maps equals a Dense on the last axis, so one `nnx.Linear` serves conv
-# and MLP features); `conv_bn_relu` is the reference code's FitNets regressor.
+# and MLP features); `affine` adds a bias; `conv_bn_relu` is the reference code's FitNets regressor.
 REGRESSORS: dict[str, Callable[..., nnx.Module]] = {
     'linear': lambda c_in, c_out, rngs, dtype: nnx.Linear(c_in, c_out, use_bias=False, dtype=dtype,
+                                                          param_dtype=jnp.float32, rngs=rngs),
+    'affine': lambda c_in, c_out, rngs, dtype: nnx.Linear(c_in, c_out, use_bias=True, dtype=dtype,
                                                           param_dtype=jnp.float32, rngs=rngs),
     'conv_bn_relu': lambda c_in, c_out, rngs, dtype: ConvBNReLURegressor(c_in, c_out, rngs=rngs, dtype=dtype),
 }
@@ -288,13 +296,13 @@ def adapter_shapes(phases, student_channels, teacher_channels) -> dict[str, tupl
         # Heads (and CRD's memory banks) belong to the term's name: two phases may share them, but only for the
         # same maps and sizes, or one phase would silently start from heads trained on other maps.
         setting = dict(student_stage=args['student_stage'] % len(student_channels),  # -1 is the last stage
-                       teacher_stage=args['teacher_stage'] % len(teacher_channels), embed_dim=args['embed_dim'])
+                       teacher_stage=args['teacher_stage'] % len(teacher_channels), embed_dim=args['embed_dim'],
+                       head_bias=args['head_bias'])
         if heads_of.setdefault(name, setting) != setting:
           raise UserError(f'loss term `{name}` ({term_cfg.kind}) is set to {heads_of[name]} in one phase and '
                           f'{setting} in another; its learned heads and memory are kept by name, so give the '
                           'terms of different maps different names')
-        shapes.update({key: (*shape, 'linear') for key, shape in TERMS[term_cfg.kind].heads(name, args, c_in,
-                                                                                              c_out).items()})
+        shapes.update(TERMS[term_cfg.kind].heads(name, args, c_in, c_out))
       elif _uses_adapter(args, c_in, c_out):
         shapes[adapter_key(args)] = (c_in, c_out, args['regressor'])
       elif c_in != c_out and TERMS[term_cfg.kind].same_channels:

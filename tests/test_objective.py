@@ -84,7 +84,7 @@ def test_a_feature_term_chooses_its_regressor():
   assert len([k for k in norms if 'conv_bn_relu' in k]) == 3  # the 1x1 kernel, BatchNorm's scale and shift
   assert all(v > 0 for k, v in norms.items() if 'conv_bn_relu' in k), norms
   assert all(v == 0 for k, v in norms.items() if 'conv_bn_relu' not in k), norms
-  with pytest.raises(UserError, match='`regressor` must be one of conv_bn_relu, linear'):
+  with pytest.raises(UserError, match='`regressor` must be one of affine, conv_bn_relu, linear'):
     objective_lib.check_term(config_lib.loss_term('feature_mse', regressor='mlp'), 'phases.train.losses.hint')
 
 
@@ -178,6 +178,38 @@ def test_crd_term_contrasts_against_its_banks_and_updates_the_batch_rows():
   expected_labels = np.arange(30) % 3
   expected_labels[10:18] = labels
   np.testing.assert_array_equal(new_memory['c']['labels'], expected_labels)
+
+
+def test_crd_heads_take_a_bias_where_asked_and_it_learns():
+  """`head_bias=True` makes both heads affine, as the reference code's `Embed`: x W + b before the normalisation,
+  and the loss's gradient reaches b. The default keeps them linear; phases that disagree on it are refused."""
+  student, teacher = _outputs(jax.random.key(0), (8, 16)), _outputs(jax.random.key(1), (8, 32))
+  crd = lambda bias: config_lib.phase(1, {'c': config_lib.loss_term('crd', embed_dim=6, negatives=5,
+                                                                    head_bias=bias)})
+  shapes = objective_lib.adapter_shapes([crd(True)], (8, 16), (8, 32))
+  assert shapes == {'crd_c_student': (16, 6, 'affine'), 'crd_c_teacher': (32, 6, 'affine')}
+  adapters = objective_lib.Adapters(shapes, rngs=nnx.Rngs(0))
+  head = adapters.maps['crd_c_student']
+  head.bias.set_value(jnp.arange(6, dtype=jnp.float32))
+  x = student[1][-1].mean(axis=(1, 2))
+  np.testing.assert_allclose(head(x), x @ head.kernel.get_value() + jnp.arange(6.0), rtol=1e-5, atol=1e-6)
+
+  objective, _ = objective_lib.build_objective(crd(True).losses)
+  memory = objective_lib.init_memory([crd(True)], 30, jax.random.key(0))
+  graphdef, params = nnx.split(adapters, nnx.Param)
+  def loss(p):
+    total, _, _ = objective(student, teacher, jnp.arange(8) % 3, nnx.merge(graphdef, p), 0, memory=memory,
+                            index=jnp.arange(8), key=jax.random.key(2))
+    return total
+  grads = jax.grad(loss)(params)
+  for side in ('student', 'teacher'):
+    bias_grad = np.asarray(grads['maps'][f'crd_c_{side}']['bias'].get_value())
+    assert np.all(np.isfinite(bias_grad)) and np.any(bias_grad != 0), side
+  assert objective_lib.adapter_shapes([crd(False)], (8, 16), (8, 32))['crd_c_student'] == (16, 6, 'linear')
+  with pytest.raises(UserError, match='loss term `c` .* give the terms of different maps different names'):
+    objective_lib.adapter_shapes([crd(False), crd(True)], (8, 16), (8, 32))
+  with pytest.raises(UserError, match='`head_bias` must be True or False'):
+    objective_lib.check_term(config_lib.loss_term('crd', head_bias='yes'), 'phases.train.losses.crd')
 
 
 def test_dkd_warmup_is_in_epochs_and_the_old_step_argument_names_it():
