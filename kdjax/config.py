@@ -434,7 +434,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _check_phases(cfg)
   from kdjax.data import splits  # late, like objective: keep `import kdjax.config` light
   from kdjax.models import registry
-  registry.check_model(cfg.student.name, {k: v for k, v in cfg.student.items() if k != 'name'})
+  student_args = {k: v for k, v in cfg.student.items() if k != 'name'}
+  try:
+    registry.check_model(cfg.student.name, student_args)
+  except UserError as error:
+    if cfg.student.name not in registry.MODELS:
+      raise
+    # Typically `--config.student.name=other` on a config that sets arguments of its own model.
+    raise UserError(f'{error}. A --config override cannot remove a `student.*` key the config file sets: choose '
+                    'this model in a config file of your own, whose get_config() can call this one and replace '
+                    '`cfg.student`') from None
   for key in ('train_split', 'eval_split', 'heldout_split'):
     if cfg.data[key]:
       splits.parse_split(cfg.data[key])

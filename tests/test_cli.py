@@ -18,6 +18,8 @@ from tests.conftest import ROOT, TINY, run_main
     ('ce', ['--config.phases.train.losses.ce.kind=hinton_kd'], 'label_smoothing` is not an argument of loss `hinton_kd`'),
     ('ce', ['--config.init.keep_fresh=('], "config `init.keep_fresh` '(' is not a regular expression"),
     ('ce', ['--config.student.hidden=-1'], 'model cnn2 cannot be built with dropout=0.0, hidden=-1'),
+    ('ce', ['--config.student.name=shufflenet_v2'], "model 'shufflenet_v2' does not take argument(s) hidden; it "
+     'accepts: dropout, stem, width. A --config override cannot remove a `student.*` key the config file sets'),
     ('ce', ['--mode=match'], '--mode=match compares the run with a teacher; set --config.teacher.workdir'),
     ('kd', ['--config.teacher.workdir=/nonexistent/teacher'], "teacher.workdir '/nonexistent/teacher' does not exist"),
     ('kd', ['--config.teacher.workdir=/t', '--config.phases.train.losses.kd.temperature=-1'], '`temperature` must be > 0'),
