@@ -14,6 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_configs', 'tiny.py')
 
 
+def pytest_collection_modifyitems(items):
+  """Tests marked `long` first (a stable sort: the rest keep their order). Under pytest-xdist the other worker
+  works through the short ones meanwhile, instead of a long test started last running alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker('long') is None)
+
+
 def run_main(*args, env=None, timeout=300, check=False):
   """Run `python main.py ARGS` in a fresh process; returns the CompletedProcess (stdout+stderr text).
 

@@ -2,9 +2,12 @@
 import json
 import os
 
+import pytest
+
 from tests.conftest import TINY, run_main
 
 
+@pytest.mark.long
 def test_sweep_cells_differing_in_alpha_and_temperature_share_the_compiled_step(tmp_path, teacher_workdir):
   """A 2 x 2 alpha x temperature sweep through main.py, with the cache where main.py puts it by default
   (`<data.cache_dir>/jax_compilation`): four runs, one compiled train program."""

@@ -102,6 +102,7 @@ def test_a_damaged_export_is_one_clear_error(tmp_path, teacher_workdir, change, 
   assert '--mode=export' in str(error.value)
 
 
+@pytest.mark.long
 def test_eval_reads_the_runs_own_data_and_refuses_other_classes(tmp_path, teacher_workdir):
   """--mode=eval uses the data the run recorded, whatever config the command names, with the command line's own
   data keys on top; data of other classes is one clear error."""

@@ -106,6 +106,7 @@ def _printed_summary(log) -> dict:
   return json.loads(lines[-1])['train']
 
 
+@pytest.mark.long
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   """2 processes x 1 CPU device == 1 process x 2 CPU devices: same final parameters, same eval accuracy."""
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
@@ -144,6 +145,7 @@ def _two_processes(workdir, tmp_path, tag, args=()):
   return logs
 
 
+@pytest.mark.long
 def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
   """Both processes fail to read the torn latest checkpoint; process 0 alone moves it aside, both wait for the
   move, and both resume from the previous one, ending where the uninterrupted run ended. With dropout: its RNG state

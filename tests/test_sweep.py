@@ -82,6 +82,7 @@ def test_repeats_in_subset_mode_report_the_held_out_rest_of_the_training_split(t
          f'{report.pct(held_out[1])} |' in open(tmp_path / 'results.md').read()
 
 
+@pytest.mark.long
 def test_sweep_is_killed_and_resumed_without_redoing_finished_runs(tmp_path, teacher_workdir):
   workdir = str(tmp_path / 'sweep')
   args = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:kd', '--workdir', workdir,

@@ -92,6 +92,7 @@ def _kd_config(teacher_workdir, cache_dir, cache):
   return cfg
 
 
+@pytest.mark.long
 def test_cached_kd_run_trains_the_same_student_and_shares_its_table(tmp_path, teacher_workdir, monkeypatch):
   cache_dir = str(tmp_path / 'cache')
   plain = train.train_and_evaluate(_kd_config(teacher_workdir, cache_dir, False), str(tmp_path / 'plain'))

@@ -147,6 +147,7 @@ def _train_and_eval_events(workdir):
           if key[0].startswith(('train/', 'eval/'))}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize('variant', ['ce', 'stagewise'])
 def test_kill_and_resume_is_bit_identical(tmp_path, teacher_workdir, variant):
   """SIGKILL 3 times, resume: the same final state as no interruption.
@@ -281,6 +282,7 @@ def test_stagewise_phase_freezes_exactly_its_stages(tmp_path, teacher_workdir):
   assert changed(after['stage1'], after['classifier'])
 
 
+@pytest.mark.long
 def test_a_phase_trains_only_its_own_adapters(tmp_path, teacher_workdir):
   """With weight decay, a phase's optimizer must not touch the adapters of other phases: they stay at their initial
   values until their own phase, which is the only one that changes them."""
