@@ -1,14 +1,26 @@
 """Every test sees 8 simulated CPU devices, so sharding is exercised everywhere (set before JAX is imported)."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# main.py turns JAX's persistent compilation cache on; tests stay hermetic with it off unless a test turns it on.
-os.environ['JAX_COMPILATION_CACHE_DIR'] = ''
+# JAX's persistent compilation cache, shared by every test of this session: the pytest-xdist workers and the
+# main.py processes the tests start (a kill-and-resume test compiles the same programs after each kill). A compiled
+# program is keyed by its HLO, compile options, devices and JAX version, so a hit runs the program that a compile
+# would have made; the cache only saves compile time. It is a fresh folder per session, never ~/.cache (a test run
+# neither reads nor leaves a user's cache), made once by the process that loads this first (pytest-xdist's
+# controller) and inherited by the workers through the environment. Tests of the cache itself set their own.
+_SESSION_CACHE_VAR = 'KDJAX_TEST_COMPILATION_CACHE'
+_OWN_COMPILATION_CACHE = None
+if _SESSION_CACHE_VAR not in os.environ:
+  _OWN_COMPILATION_CACHE = os.environ[_SESSION_CACHE_VAR] = tempfile.mkdtemp(prefix='kdjax-tests-xla-')
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ[_SESSION_CACHE_VAR]
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # the tests' programs are small: keep them all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_configs', 'tiny.py')
@@ -18,6 +30,12 @@ def pytest_collection_modifyitems(items):
   """Tests marked `long` first (a stable sort: the rest keep their order). Under pytest-xdist the other worker
   works through the short ones meanwhile, instead of a long test started last running alone at the end."""
   items.sort(key=lambda item: item.get_closest_marker('long') is None)
+
+
+def pytest_sessionfinish(session):
+  """The process that made the session's compilation cache removes it (workers finish before the controller)."""
+  if _OWN_COMPILATION_CACHE is not None:
+    shutil.rmtree(_OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
 def run_main(*args, env=None, timeout=300, check=False):
