@@ -65,3 +65,22 @@ def teacher_workdir(tmp_path_factory):
   from tests.tiny_configs import tiny
   train.train_and_evaluate(tiny.get_config('teacher'), workdir)
   return workdir
+
+
+def events_by_tag_and_step(logdir):
+  """{(tag, step): [value, ...]} over every event file of `logdir`, as written: TensorBoard's data server shows
+  each of them (its legacy EventAccumulator would hide repeats by purging out-of-order steps). Imported lazily:
+  most tests never read event files."""
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  from tensorboard.util import tensor_util
+  points = {}
+  for name in sorted(os.listdir(logdir)):
+    assert not name.startswith('.events-cut-'), 'a temporary was left behind'
+    if 'tfevents' not in name:
+      continue
+    for event in EventFileLoader(os.path.join(logdir, name)).Load():
+      for value in event.summary.value:
+        number = (value.simple_value if value.HasField('simple_value')
+                  else float(tensor_util.make_ndarray(value.tensor)))
+        points.setdefault((value.tag, event.step), []).append(number)
+  return points

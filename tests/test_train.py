@@ -27,8 +27,7 @@ from kdjax import train
 from kdjax.data import augment
 from kdjax.data import sources
 from kdjax.models import create_model
-from tests.conftest import ROOT, TINY, run_main
-from tests.test_writers import events_by_tag_and_step
+from tests.conftest import ROOT, TINY, events_by_tag_and_step, run_main
 from tests.tiny_configs import tiny
 
 

@@ -8,6 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 from kdjax import writers
+from tests.conftest import events_by_tag_and_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,23 +81,6 @@ def test_tensorflow_free_progress_reports_every_n_steps_and_the_last():
   for step in range(1, 26):
     progress(step)
   assert recorder.steps == [10, 20, 25]
-
-
-def events_by_tag_and_step(logdir):
-  """{(tag, step): [value, ...]} over every event file, as written: TensorBoard's data server shows each of them
-  (the legacy EventAccumulator above would hide repeats by purging out-of-order steps)."""
-  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-  points = {}
-  for name in sorted(os.listdir(logdir)):
-    assert not name.startswith('.events-cut-'), 'a temporary was left behind'
-    if 'tfevents' not in name:
-      continue
-    for event in EventFileLoader(os.path.join(logdir, name)).Load():
-      for value in event.summary.value:
-        number = (value.simple_value if value.HasField('simple_value')
-                  else float(tensor_util.make_ndarray(value.tensor)))
-        points.setdefault((value.tag, event.step), []).append(number)
-  return points
 
 
 @pytest.mark.parametrize('backend', ['tensorboard', 'clu'])
