@@ -123,13 +123,27 @@ class Checkpoints:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_for_meta) -> tuple[Any, Exception | None]:
-  """(restored state and meta, None), or (None, the error) for a checkpoint that does not restore."""
+  """(restored state and meta, None), or (None, the error) for a checkpoint that does not restore in this process.
+
+  It reads through a manager of this process alone, so that a failure here leaves no peer waiting. Orbax ends each
+  restore with a barrier over the manager's processes: a process that cannot read a checkpoint its peers can (a
+  failing disk or mount on one host) never reaches that barrier, and its peers' barrier then pairs up with the
+  agreement that follows (`mesh.all_processes`), which crashes the run. Read apart, the processes meet only in that
+  agreement, and all fall back together. The restored arrays still carry the target's global shardings: each process
+  reads the shards of its own devices, as a restore by all processes together does.
+  """
+  me = jax.process_index()
+  reader = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me})))
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return manager.restore(step, args=ocp.args.Composite(
+    meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return reader.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_for_meta(meta)), meta=ocp.args.JsonRestore())), None
   except Exception as failure:  # pylint: disable=broad-except
     return None, failure
+  finally:
+    reader.close()
 
 
 def _flatten_raw(tree, prefix='') -> dict[str, np.ndarray]:

@@ -43,13 +43,31 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, log, devices, extra_env=None, args=()):
-  """`main.py` on the tiny CE config in a fresh process with `devices` CPU devices; output to `log`."""
+# `python -c` this, then STEP and main.py's arguments: main.py in a process that cannot read checkpoint STEP of
+# checkpoints/ (as a host with a failing disk or mount would), while the other processes can.
+_CANNOT_READ_ONE_STEP = """
+import os, runpy, sys
+import orbax.checkpoint as ocp
+unreadable = int(sys.argv.pop(1))
+restore = ocp.CheckpointManager.restore
+def restore_or_fail(self, step, *args, **kwargs):
+  if step == unreadable and os.path.basename(str(self.directory)) == 'checkpoints':
+    raise OSError(f'checkpoint {step} cannot be read by this process (injected by the test)')
+  return restore(self, step, *args, **kwargs)
+ocp.CheckpointManager.restore = restore_or_fail
+sys.argv[0] = os.path.join(os.getcwd(), 'main.py')
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def _start(workdir, log, devices, extra_env=None, args=(), program=('main.py',)):
+  """`main.py` (or `program`, the arguments of python before main.py's) on the tiny CE config in a fresh process
+  with `devices` CPU devices; output to `log`."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          **(extra_env or {})}
   with open(log, 'w') as out:
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'main.py'), '--config', f'{TINY}:ce',
-                             '--workdir', workdir, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, *program, '--config', f'{TINY}:ce', '--workdir', workdir, *args],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _failing(proc, log) -> bool:
@@ -135,11 +153,13 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   assert len([f for f in os.listdir(multi) if f.startswith('events.out.tfevents')]) == 1
 
 
-def _two_processes(workdir, tmp_path, tag, args=()):
+def _two_processes(workdir, tmp_path, tag, args=(), programs=None):
+  """Two main.py processes of one run; `programs` maps a process's name to its `_start` program."""
   port = _free_port()
   logs = {f'process{i}': str(tmp_path / f'{tag}{i}.log') for i in range(2)}
   procs = {name: _start(workdir, logs[name], 1, {'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
-                                                 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': name[-1]}, args)
+                                                 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': name[-1]}, args,
+                        **({'program': programs[name]} if name in (programs or {}) else {}))
            for name in logs}
   _wait_all(procs, logs)
   return logs
@@ -170,3 +190,25 @@ def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
   assert any(plain(x) is not x for x in reference.values())  # the dropout RNG state is among them
   for key in reference:
     np.testing.assert_allclose(plain(resumed[key]), plain(reference[key]), rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.long
+def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path):
+  """Process 1 alone fails to read the newest checkpoint (process 0 reads it): both must still agree, set it aside
+  and resume from the previous one, ending where the uninterrupted run ended, rather than process 0 waiting for
+  process 1 inside a restore that process 1 has left."""
+  workdir = str(tmp_path / 'multi')
+  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10']
+  _two_processes(workdir, tmp_path, 'first', args)
+  reference = _final_variables(workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  logs = _two_processes(workdir, tmp_path, 'second', args,
+                        programs={'process1': ('-c', _CANNOT_READ_ONE_STEP, str(steps[-1]))})
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))
+  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps)  # the end step was saved again
+  assert 'another process failed to restore it' in open(logs['process0']).read()
+  assert 'injected by the test' in open(logs['process1']).read()
+  resumed = _final_variables(workdir)
+  for key in reference:
+    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
