@@ -141,6 +141,19 @@ def table_key(teacher, teacher_vars, dataset: loader.ResidentDataset, augment_na
                           jax.device_count())
 
 
+def _read_table(path: str) -> np.ndarray | None:
+  """The saved table, or None where this process has none or cannot read it (a damaged disk: the table is
+  published whole, see `cache.publish`). An unreadable one is rebuilt for this run, with a warning naming it."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return np.load(path)
+  except (OSError, ValueError) as error:
+    logging.warning('teacher cache: %s cannot be read (%s: %s); building the table for this run instead. Delete '
+                    'its folder to let the next run save a fresh one', path, type(error).__name__, error)
+    return None
+
+
 def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augment_name: str, preprocess,
                   batch_size: int, cache_dir: str | None) -> tuple[CachedTeacher, jax.Array]:
   """The cached teacher and its table: loaded when a run with the same teacher and data saved it, else built."""
@@ -149,11 +162,11 @@ def load_or_build(teacher, teacher_vars, dataset: loader.ResidentDataset, augmen
   folder = os.path.join(cache_lib.cache_root(cache_dir), 'teacher_outputs', key)
   path = os.path.join(folder, 'logits.npy')
   cached = CachedTeacher(sample_views=pipeline.sample)
-  # Load only where every process finds the table (a per-host cache dir may hold it on some hosts only): building
+  # Load only where every process reads the table (a per-host cache dir may hold it on some hosts only): building
   # runs collectives, so the processes must all build or all load.
-  if mesh_lib.all_processes(os.path.exists(path)):
-    logging.info('teacher cache: loading %s', path)
-    table = np.load(path)
+  table = _read_table(path)
+  if mesh_lib.all_processes(table is not None):
+    logging.info('teacher cache: loaded %s', path)
   else:
     logging.info('teacher cache: %d views x %d examples (%d epochs of teacher forward passes, once)',
                  pipeline.num_views, dataset.num_examples, pipeline.num_views)

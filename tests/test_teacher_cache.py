@@ -1,5 +1,8 @@
 """The teacher-output cache: exact (looked-up logits and trained students equal the uncached ones), shared, refused
 where it cannot be exact."""
+import logging
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -172,4 +175,22 @@ def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypat
   monkeypatch.setattr(mesh_lib, 'all_processes', lambda ok: answers.append(ok) or False)  # another host lacks it
   _, rebuilt = load()
   assert answers == [True] and len(built) == 2
+  np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(first))
+
+
+def test_an_unreadable_table_is_rebuilt_with_a_warning(tmp_path, caplog):
+  """A saved table damaged on disk is not loaded, nor a crash: the run builds the table (the same one) and says
+  which file to delete."""
+  data, teacher, variables = _random_data_and_teacher(16, seed=2)
+  preprocess = steps.Preprocess(
+      augment=None, evaluate=lambda x: augment.eval_transform(x, image_size=8), mean=(0.5,) * 3, std=(0.25,) * 3,
+      dtype=np.float32, image_size=8)
+  load = lambda: teacher_cache.load_or_build(teacher, variables, data, 'flip', preprocess, 8, str(tmp_path))
+  _, first = load()
+  [path] = [os.path.join(root, name) for root, _, names in os.walk(tmp_path) for name in names if name == 'logits.npy']
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with caplog.at_level(logging.WARNING):
+    _, rebuilt = load()
+  assert f'{path} cannot be read' in caplog.text
   np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(first))
