@@ -8,6 +8,7 @@ random and BatchNorm statistics are set to random non-trivial values (eval mode)
 mean/var or a padding difference shows up in the outputs. Inputs are 2 x 64 x 64 to keep CPU time small.
 """
 
+import copy
 import functools
 import json
 import os
@@ -163,7 +164,8 @@ IMAGE_SIZE = {'resnet18_cifar': 32}
 
 @functools.cache
 def _torch_net(name):
-  """A reference network with random weights and random BatchNorm statistics, in eval mode."""
+  """A reference network with random weights and random BatchNorm statistics, in eval mode. Cached and shared by
+  the tests of a process: a test that edits it edits a copy."""
   torch.manual_seed(0)
   net = REFERENCES[name]()
   with torch.no_grad():
@@ -255,7 +257,7 @@ def test_accepts_numpy_and_drops_batch_counters():
 
 def test_imported_arrays_do_not_share_memory_with_the_torch_module():
   """Editing or training the torch module after the import leaves the kdjax model as imported."""
-  net = _torch_net('resnet18')
+  net = copy.deepcopy(_torch_net('resnet18'))  # its own: the cached one is shared by the other tests
   model = from_torch_module('resnet18', net)
   bias, mean = np.array(model.head.fc.bias.get_value()), np.array(model.stages[0].bn.mean.get_value())
   with torch.no_grad():
