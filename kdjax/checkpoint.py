@@ -122,20 +122,25 @@ class Checkpoints:
     self.best.close()
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, abstract_for_meta) -> tuple[Any, Exception | None]:
-  """(restored state and meta, None), or (None, the error) for a checkpoint that does not restore in this process.
+def _reader(directory, **handlers) -> ocp.CheckpointManager:
+  """A manager that reads `directory` in this process alone, so that a read failing here leaves no peer waiting.
 
-  It reads through a manager of this process alone, so that a failure here leaves no peer waiting. Orbax ends each
-  restore with a barrier over the manager's processes: a process that cannot read a checkpoint its peers can (a
-  failing disk or mount on one host) never reaches that barrier, and its peers' barrier then pairs up with the
-  agreement that follows (`mesh.all_processes`), which crashes the run. Read apart, the processes meet only in that
-  agreement, and all fall back together. The restored arrays still carry the target's global shardings: each process
-  reads the shards of its own devices, as a restore by all processes together does.
+  Orbax ends each restore with a barrier over the manager's processes: a process that cannot read a checkpoint its
+  peers can (a failing disk or mount on one host) never reaches that barrier, and its peers' barrier then pairs up
+  with the agreement that follows (`mesh.all_processes`), which crashes the run. Read apart, the processes meet only
+  in that agreement, and all fall back (or stop) together. Restored arrays still carry the target's shardings: each
+  process reads the shards of its own devices, as a restore by all processes together does.
   """
   me = jax.process_index()
-  reader = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(
+  return ocp.CheckpointManager(directory, item_handlers=handlers or None, options=ocp.CheckpointManagerOptions(
       read_only=True, multiprocessing_options=ocp.options.MultiprocessingOptions(
           primary_host=me, active_processes={me})))
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_for_meta) -> tuple[Any, Exception | None]:
+  """(restored state and meta, None), or (None, the error) for a checkpoint that does not restore in this process
+  (read alone: see `_reader`)."""
+  reader = _reader(manager.directory)
   try:
     meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return reader.restore(step, args=ocp.args.Composite(
@@ -180,17 +185,26 @@ def restore_model_variables(workdir: str, variables, *, keep_fresh: str = '', ro
     directory = os.path.abspath(os.path.join(workdir, sub))
     if not os.path.isdir(directory):
       continue
-    manager = ocp.CheckpointManager(directory, item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                                              'meta': ocp.JsonCheckpointHandler()})
+    manager = _reader(directory, state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
     step = manager.latest_step()
     if step is None:
+      manager.close()
       continue
-    # Restore onto this process's first device whatever topology the run was saved from (its device count may
-    # differ from ours); the caller places the result on the mesh.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                          manager.item_metadata(step)['state'])
-    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    try:
+      # Restore onto this process's first device whatever topology the run was saved from (its device count may
+      # differ from ours); the caller places the result on the mesh.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                            manager.item_metadata(step)['state'])
+      raw, error = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state, None
+    except Exception as failure:  # pylint: disable=broad-except
+      raw, error = None, failure
+    finally:
+      manager.close()
+    if not mesh_lib.all_processes(error is None):
+      why = f'{type(error).__name__}: {str(error)[:300]}' if error else 'another process of this run could not'
+      raise UserError(f'{role} checkpoint {directory}/{step} cannot be read ({why}); check that the files are whole '
+                      f'and readable on every host, or train that run again') from error
     saved = {**_flatten_raw(raw['params']), **_flatten_raw(raw['model_state'])}
     logging.info('%s: the %s checkpoint of %s is %s/%d', role, which, workdir, sub, step)
     return _fill(variables, saved, f'{directory}/{step}', keep_fresh, role)

@@ -105,6 +105,47 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     np.testing.assert_array_equal(reference[key], resumed[key], err_msg=key)
 
 
+def _unreadable_copy(teacher_workdir, tmp_path):
+  """A copy of the teacher run whose best checkpoint's arrays are cut to a third (the original stays whole)."""
+  workdir = str(tmp_path / 'teacher')
+  shutil.copytree(teacher_workdir, workdir)
+  for root, _, names in os.walk(os.path.join(workdir, 'best')):
+    for name in names:
+      if os.sep + 'state' in root:
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(os.path.getsize(os.path.join(root, name)) // 3)
+  return workdir
+
+
+def _teacher_variables():
+  from flax import nnx
+  from kdjax.models import create_model
+  return nnx.split(create_model('cnn3', num_classes=10, image_shape=(8, 8, 1), rngs=nnx.Rngs(0), hidden=16))[1]
+
+
+def test_an_unreadable_teacher_checkpoint_is_one_clear_error(teacher_workdir, tmp_path):
+  from kdjax import checkpoint as ckpt_lib
+  ckpt_lib.restore_model_variables(teacher_workdir, _teacher_variables())  # the whole one reads
+  workdir = _unreadable_copy(teacher_workdir, tmp_path)
+  with pytest.raises(UserError) as info:
+    ckpt_lib.restore_model_variables(workdir, _teacher_variables())
+  message = str(info.value)
+  assert message.startswith(f'teacher checkpoint {workdir}/best/') and 'cannot be read (' in message, message
+  assert 'readable on every host' in message and '\n' not in message
+
+
+def test_a_teacher_checkpoint_another_process_cannot_read_stops_every_process(teacher_workdir, monkeypatch):
+  """Read apart, the processes agree before using the teacher: where another process failed (simulated here), this
+  one stops with the same error instead of training on alone and waiting for it in the first collective."""
+  from kdjax import checkpoint as ckpt_lib
+  from kdjax import mesh as mesh_lib
+  answers = []
+  monkeypatch.setattr(mesh_lib, 'all_processes', lambda ok: answers.append(ok) or False)
+  with pytest.raises(UserError, match='another process of this run could not'):
+    ckpt_lib.restore_model_variables(teacher_workdir, _teacher_variables())
+  assert answers == [True]  # this process read it
+
+
 def test_teacher_checkpoint_of_other_shapes_lists_the_mismatches(teacher_workdir):
   from flax import nnx
   from kdjax import checkpoint as ckpt_lib
