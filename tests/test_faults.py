@@ -109,11 +109,8 @@ def _unreadable_copy(teacher_workdir, tmp_path):
   """A copy of the teacher run whose best checkpoint's arrays are cut to a third (the original stays whole)."""
   workdir = str(tmp_path / 'teacher')
   shutil.copytree(teacher_workdir, workdir)
-  for root, _, names in os.walk(os.path.join(workdir, 'best')):
-    for name in names:
-      if os.sep + 'state' in root:
-        with open(os.path.join(root, name), 'r+b') as f:
-          f.truncate(os.path.getsize(os.path.join(root, name)) // 3)
+  for step in os.listdir(os.path.join(workdir, 'best')):
+    _truncate(os.path.join(workdir, 'best', step))
   return workdir
 
 

@@ -153,20 +153,25 @@ def test_table_key_follows_the_teachers_structure_and_skips_its_rng_keys():
   assert key_of(((0.4,) * 3, (0.2,) * 3)) != own
 
 
-def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypatch):
-  """A per-host cache dir may hold the table on some hosts only. Building runs collectives, so when any process
-  lacks the table every process builds it (the other processes' answer is simulated here)."""
+def _flip_table_loader(cache_dir):
+  """A call that loads (or builds) the flip table of a small random teacher and data in `cache_dir`."""
   data, teacher, variables = _random_data_and_teacher(16, seed=2)
   preprocess = steps.Preprocess(
       augment=None, evaluate=lambda x: augment.eval_transform(x, image_size=8), mean=(0.5,) * 3, std=(0.25,) * 3,
       dtype=np.float32, image_size=8)
+  return lambda: teacher_cache.load_or_build(teacher, variables, data, 'flip', preprocess, 8, cache_dir)
+
+
+def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypatch):
+  """A per-host cache dir may hold the table on some hosts only. Building runs collectives, so when any process
+  lacks the table every process builds it (the other processes' answer is simulated here)."""
+  load = _flip_table_loader(str(tmp_path))
   built, build = [], teacher_cache.build_table
 
   def counted(*args):
     built.append(1)
     return build(*args)
   monkeypatch.setattr(teacher_cache, 'build_table', counted)
-  load = lambda: teacher_cache.load_or_build(teacher, variables, data, 'flip', preprocess, 8, str(tmp_path))
   _, first = load()
   assert len(built) == 1
   load()
@@ -181,11 +186,7 @@ def test_the_table_is_loaded_only_where_every_process_has_it(tmp_path, monkeypat
 def test_an_unreadable_table_is_rebuilt_with_a_warning(tmp_path, caplog):
   """A saved table damaged on disk is not loaded, nor a crash: the run builds the table (the same one) and says
   which file to delete."""
-  data, teacher, variables = _random_data_and_teacher(16, seed=2)
-  preprocess = steps.Preprocess(
-      augment=None, evaluate=lambda x: augment.eval_transform(x, image_size=8), mean=(0.5,) * 3, std=(0.25,) * 3,
-      dtype=np.float32, image_size=8)
-  load = lambda: teacher_cache.load_or_build(teacher, variables, data, 'flip', preprocess, 8, str(tmp_path))
+  load = _flip_table_loader(str(tmp_path))
   _, first = load()
   [path] = [os.path.join(root, name) for root, _, names in os.walk(tmp_path) for name in names if name == 'logits.npy']
   with open(path, 'r+b') as f:
