@@ -4,17 +4,29 @@ CLU 0.0.12's `metric_writers` and `periodic_actions` import TensorFlow at import
 and many users, have no TensorFlow, so the same scalars go to TensorBoard event files through the `tensorboard`
 package's own event-file writer, and to the console through absl logging. `tensorboard --logdir WORKDIR` shows
 either.
+
+`KDJAX_METRIC_WRITER` picks one for every run of a process and the processes it starts: `auto` (the default: CLU's
+where it imports), `clu` or `tensorboard`. Importing TensorFlow takes about 5 s on a CPU, most of a tiny run's
+start-up, so the test suite, which starts `main.py` many times, sets `tensorboard` (tests/conftest.py).
 """
 import functools
 import importlib.util
+import itertools
 import json
 import os
+import socket
+import struct
 import tempfile
 import time
 from typing import Mapping
 
 import jax
 from absl import logging
+
+from kdjax.errors import UserError
+
+WRITER_ENV = 'KDJAX_METRIC_WRITER'
+BACKENDS = ('auto', 'clu', 'tensorboard')
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,34 +44,58 @@ def clu_writers_available() -> bool:
   return True
 
 
-def _backend(backend: str) -> str:
-  """'clu' or 'tensorboard'; 'auto' is CLU's where it imports."""
+def _backend(backend: str | None) -> str:
+  """'clu' or 'tensorboard': `backend`, else $KDJAX_METRIC_WRITER, else 'auto', which is CLU's where it imports."""
+  if backend is None:
+    backend = os.environ.get(WRITER_ENV) or 'auto'
+    if backend not in BACKENDS:
+      raise UserError(f'{WRITER_ENV}={backend!r} is not a metric writer; set it to one of {", ".join(BACKENDS)} '
+                      'or unset it')
+    if backend == 'clu' and importlib.util.find_spec('tensorflow') is None:
+      raise UserError(f'{WRITER_ENV}=clu needs TensorFlow, which CLU\'s writers import: '
+                      "pip install -e '.[tf]', or unset it for the TF-free writer")
   if backend != 'auto':
     return backend
   return 'clu' if clu_writers_available() else 'tensorboard'
 
 
 class EventFileWriter:
-  """Scalars to a TensorBoard event file, written with `tensorboard` only (no TensorFlow)."""
+  """Scalars to a TensorBoard event file, written with `tensorboard`'s record format and protos only.
+
+  Not `tensorboard`'s own EventFileWriter: that one opens files through `tensorboard.compat.tf`, which imports
+  TensorFlow (and with it Keras and scikit-learn, about 9 s on a CPU) wherever TensorFlow is installed. Each write
+  is flushed, so a TensorBoard open on the workdir shows the run as it goes and a kill loses no logged step.
+  """
+  _opened = itertools.count()  # orders the files of one process opened within the same second
 
   def __init__(self, logdir: str):
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter as _Writer
-    self._writer = _Writer(logdir)
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    name = 'events.out.tfevents.%010d.%s.%d.%d' % (time.time(), socket.gethostname(), os.getpid(),
+                                                    next(self._opened))
+    self._file = open(os.path.join(logdir, name), 'wb')
+    self._records = RecordWriter(self._file)
+    self._event = event_pb2.Event
+    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event):
+    self._records.write(event.SerializeToString())
+    self._file.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]):
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.proto import summary_pb2
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                          for k, v in scalars.items()])
-    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
 
   def write_hparams(self, hparams):
     pass  # hyper-parameters are written to config.json in the workdir
 
   def flush(self):
-    self._writer.flush()
+    self._file.flush()
 
   def close(self):
-    self._writer.close()
+    self._file.close()
 
 
 class ConsoleWriter:
@@ -103,13 +139,12 @@ def cut_event_files(workdir: str, upto_step: int) -> int:
   renamed over itself: a crash leaves it whole, and its name, which orders the files, is kept. Records are copied
   as they were written (CLU's TF summaries or the TF-free writer's), and a record cut short by a kill is dropped.
   """
-  from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
   from tensorboard.compat.proto import event_pb2
   from tensorboard.summary.writer.record_writer import RecordWriter
   dropped = 0
   for name in sorted(filter(_is_event_file, os.listdir(workdir))):
     path = os.path.join(workdir, name)
-    records = list(RawEventFileLoader(path).Load())
+    records = read_records(path)
     kept = [r for r in records if event_pb2.Event.FromString(r).step <= upto_step]
     if len(kept) == len(records) and os.path.getsize(path) == _records_size(records):
       continue
@@ -124,13 +159,38 @@ def cut_event_files(workdir: str, upto_step: int) -> int:
   return dropped
 
 
+def read_records(path: str) -> list[bytes]:
+  """The records of a TFRecord file (an event file) up to the first one cut short or damaged, as TensorBoard reads
+  them; without TensorBoard's own reader, which imports TensorFlow wherever it is installed (see EventFileWriter).
+
+  A record is its length (8 bytes, little-endian), that length's masked CRC-32C (4), the data, the data's (4).
+  """
+  from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+  with open(path, 'rb') as f:
+    content = f.read()
+  records, at = [], 0
+  while at + 12 <= len(content):
+    header = content[at:at + 8]
+    (length,) = struct.unpack('<Q', header)
+    end = at + 12 + length + 4
+    if end > len(content) or struct.unpack('<I', content[at + 8:at + 12])[0] != masked_crc32c(header):
+      break
+    data = content[at + 12:at + 12 + length]
+    if struct.unpack('<I', content[end - 4:end])[0] != masked_crc32c(data):
+      break
+    records.append(data)
+    at = end
+  return records
+
+
 def _records_size(records) -> int:
   """Bytes of these records in the TFRecord format: a 12-byte header and a 4-byte checksum around each."""
   return sum(len(r) + 16 for r in records)
 
 
-def create_writer(workdir: str, backend: str = 'auto', upto_step: int | None = None):
-  """CLU's default writer (backend 'clu'), the TF-free one ('tensorboard'), or CLU where it imports ('auto').
+def create_writer(workdir: str, backend: str | None = None, upto_step: int | None = None):
+  """CLU's default writer (backend 'clu'), the TF-free one ('tensorboard'), or CLU where it imports ('auto');
+  None: as $KDJAX_METRIC_WRITER says.
 
   Only process 0 writes event files; other processes log to the console. A run resumed at `upto_step` first drops
   the events its earlier invocations wrote after that step (see `cut_event_files`).
@@ -170,7 +230,7 @@ class ProgressReporter:
     self._last_step, self._last_time = step, now
 
 
-def create_progress(num_train_steps: int, writer, every_steps: int, backend: str = 'auto'):
+def create_progress(num_train_steps: int, writer, every_steps: int, backend: str | None = None):
   if _backend(backend) == 'clu':
     from clu import periodic_actions
     return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,

@@ -21,6 +21,10 @@ if _SESSION_CACHE_VAR not in os.environ:
   _OWN_COMPILATION_CACHE = os.environ[_SESSION_CACHE_VAR] = tempfile.mkdtemp(prefix='kdjax-tests-xla-')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ[_SESSION_CACHE_VAR]
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # the tests' programs are small: keep them all
+# Metric writers: the TF-free one, in every test and every main.py a test starts. Where TensorFlow is installed (CI
+# installs the `tf` extra) CLU's writer would import it in each of those processes, about 5 s of each one's start;
+# tests/test_writers.py tests CLU's writer, and a run that picks it, by name.
+os.environ.setdefault('KDJAX_METRIC_WRITER', 'tensorboard')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'tests', 'tiny_configs', 'tiny.py')

@@ -351,6 +351,23 @@ def test_digits():
     load_split('digits', 'validation')
 
 
+def test_digits_read_from_sklearns_file_are_sklearns_digits(tmp_path, monkeypatch):
+  """The CSV read without importing sklearn gives what `load_digits()` gives; so does the fallback, which serves
+  where that file is not found."""
+  from sklearn import datasets
+  from kdjax.data import digits
+  expected = datasets.load_digits()
+  for where in ('sklearn file', 'fallback'):
+    images, labels = digits._images_and_labels()
+    np.testing.assert_array_equal(images, expected.images, err_msg=where)
+    np.testing.assert_array_equal(labels, expected.target, err_msg=where)
+    monkeypatch.setattr(digits.importlib.util, 'find_spec', lambda name: types.SimpleNamespace(
+        submodule_search_locations=[str(tmp_path)]))  # a sklearn without the file
+  monkeypatch.setattr(digits.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(UserError, match='pip install scikit-learn'):
+    digits._images_and_labels()
+
+
 def test_source_kinds(tree):
   assert sources.source_kind('digits') == 'digits'
   assert sources.source_kind('/data/x.TAR.GZ') == 'archive'

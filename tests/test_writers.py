@@ -8,7 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 from kdjax import writers
-from tests.conftest import events_by_tag_and_step
+from kdjax.errors import UserError
+from tests.conftest import TINY, events_by_tag_and_step, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,3 +118,46 @@ def test_a_record_cut_short_by_a_kill_is_dropped_and_the_rest_kept(tmp_path):
   assert path.read_bytes() == whole
   assert writers.cut_event_files(str(tmp_path), upto_step=1) == 1
   assert events_by_tag_and_step(str(tmp_path)) == {('train/loss', 1): [1.0]}
+
+
+def test_the_environment_picks_the_writer(monkeypatch):
+  """$KDJAX_METRIC_WRITER chooses where no backend is passed; a bad value, or `clu` without TensorFlow, is one error
+  naming the fix."""
+  monkeypatch.delenv(writers.WRITER_ENV)
+  assert writers._backend(None) == ('clu' if writers.clu_writers_available() else 'tensorboard')
+  monkeypatch.setenv(writers.WRITER_ENV, 'tensorboard')
+  assert writers._backend(None) == 'tensorboard'
+  assert writers._backend('auto') == ('clu' if writers.clu_writers_available() else 'tensorboard')  # passed wins
+  monkeypatch.setenv(writers.WRITER_ENV, 'tensorflow')
+  with pytest.raises(UserError, match="KDJAX_METRIC_WRITER='tensorflow' is not a metric writer; set it to one of"):
+    writers._backend(None)
+  monkeypatch.setenv(writers.WRITER_ENV, 'clu')
+  monkeypatch.setattr(writers.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(UserError, match=r"KDJAX_METRIC_WRITER=clu needs TensorFlow.*unset it"):
+    writers._backend(None)
+
+
+def test_a_run_left_to_choose_writes_through_clu_where_tensorflow_imports(tmp_path):
+  """main.py with $KDJAX_METRIC_WRITER unset (the tests set it): CLU's writer and progress report, whose scalars
+  are tensor summaries (the TF-free writer's are simple values)."""
+  pytest.importorskip('tensorflow')
+  run_main('--config', f'{TINY}:ce', '--workdir', str(tmp_path), '--config.data.train_split=train[:10%]',
+           env={writers.WRITER_ENV: None}, check=True)
+  accumulator = EventAccumulator(str(tmp_path))
+  accumulator.Reload()
+  assert {'train/ce', 'eval/top1', 'steps_per_sec'} <= set(accumulator.Tags()['tensors'])
+  assert not accumulator.Tags()['scalars']
+
+
+def test_the_tensorflow_free_writer_imports_no_tensorflow_where_it_is_installed(tmp_path):
+  """Writing and cutting event files leave TensorFlow unimported (TensorBoard's own writer and reader import it
+  wherever it is installed: ~9 s at each start of a run). In a subprocess: this one may have imported it."""
+  pytest.importorskip('tensorflow')
+  script = ('import sys; from kdjax import writers; from tests import test_writers; '
+            'test_writers._write("tensorboard", sys.argv[1]); writers.cut_event_files(sys.argv[1], upto_step=1); '
+            'loaded = sorted(m for m in ("tensorflow", "keras", "sklearn") if m in sys.modules); '
+            'assert not loaded, loaded')
+  done = subprocess.run([sys.executable, '-c', script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert events_by_tag_and_step(str(tmp_path)) == {('train/loss', 1): [2.5], ('eval/top1', 1): [0.25]}
