@@ -130,16 +130,19 @@ class History:
     return merged
 
   def plot(self) -> list[str]:
-    """accuracy.png (train/eval top-1, top-5, teacher agreement) and loss.png in the workdir; [] without matplotlib."""
+    """accuracy.png (train/eval top-1, top-5, teacher agreement) and loss.png in the workdir; [] without matplotlib.
+
+    Drawn on `matplotlib.figure.Figure`s, not through pyplot: pyplot's global backend and figure list belong to the
+    user (a notebook's inline backend stays as it was), and a figure nobody registered needs no closing.
+    """
     try:
-      import matplotlib
-      matplotlib.use('Agg')
-      from matplotlib import pyplot as plt
+      from matplotlib.figure import Figure
     except ImportError:
       return []
     written = []
     for name, keys in (('accuracy', ('top1', 'top5', 'agreement')), ('loss', ('loss',))):
-      fig, ax = plt.subplots(figsize=(7, 4))
+      fig = Figure(figsize=(7, 4))
+      ax = fig.add_subplot()
       for split in ('train', 'eval'):
         for key in keys:
           steps, values = self.series(f'{split}/{key}')
@@ -157,6 +160,5 @@ class History:
         ax.legend()
       path = os.path.join(os.path.dirname(self.path), f'{name}.png')
       fig.savefig(path, dpi=100, bbox_inches='tight')
-      plt.close(fig)
       written.append(path)
     return written

@@ -152,6 +152,25 @@ def test_run_writes_history_and_curves(tmp_path):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
 
 
+def test_curves_leave_the_users_pyplot_alone(tmp_path):
+  """A notebook's backend and figures are the user's: plotting a run neither switches the backend nor adds or
+  closes a pyplot figure."""
+  import matplotlib
+  from matplotlib import pyplot as plt
+  backend = matplotlib.get_backend()
+  matplotlib.use('svg')  # stands for a user's backend: any but Agg
+  try:
+    mine = plt.figure()
+    history = report.History(str(tmp_path), upto_step=0)
+    for step in (1, 2):
+      history.record(step, {'train/loss': 1.0 / step, 'eval/top1': 0.5 * step})
+    assert len(history.plot()) == 2
+    assert matplotlib.get_backend() == 'svg' and plt.get_fignums() == [mine.number]
+  finally:
+    plt.close('all')
+    matplotlib.use(backend)
+
+
 class FakeRuns:
   """`run_one` for sweep/repeats tests without training: top-1 = alpha + seed/100, and the files a finished run
   leaves (config.json, summary.json), so that a second sweep can recognise it."""

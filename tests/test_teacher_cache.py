@@ -111,6 +111,7 @@ def test_cached_kd_run_trains_the_same_student_and_shares_its_table(tmp_path, te
   monkeypatch.setattr(teacher_cache, 'build_table', no_rebuild)
   cfg = _kd_config(teacher_workdir, cache_dir, True)
   cfg.seed = 1  # another seed of the same experiment: same teacher, same data, same table
+  cfg.phases.train.epochs = 0.25  # the table is looked up before the first step: a few steps show it is loaded
   train.train_and_evaluate(cfg, str(tmp_path / 'seed1'))
 
 
