@@ -106,9 +106,10 @@ def main(argv):
   from kdjax import config as config_lib
   workdir = _WORKDIR.value or config_lib.default_workdir(*config_path.split(':', 1))
   logging.info('config %s -> workdir %s', config_path, workdir)
-  from kdjax import compile_cache, report
+  from kdjax import compile_cache, report, writers
   compile_cache.enable(cfg.data.cache_dir or None)
   try:
+    writers.requested_backend()  # a bad $KDJAX_METRIC_WRITER stops here, not after the data is read
     result = MODES[_MODE.value](cfg, workdir)
   except UserError as error:
     _fail(str(error))

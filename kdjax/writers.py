@@ -1,9 +1,9 @@
 """Metric writers and progress reports: CLU's where TensorFlow is importable, a TF-free twin elsewhere.
 
 CLU 0.0.12's `metric_writers` and `periodic_actions` import TensorFlow at import time. The GPU machines we run on,
-and many users, have no TensorFlow, so the same scalars go to TensorBoard event files through the `tensorboard`
-package's own event-file writer, and to the console through absl logging. `tensorboard --logdir WORKDIR` shows
-either.
+and many users, have no TensorFlow, so the same scalars go to TensorBoard event files through a writer of kdjax's
+own on the `tensorboard` package's record format and protos, and to the console through absl logging.
+`tensorboard --logdir WORKDIR` shows either.
 
 `KDJAX_METRIC_WRITER` picks one for every run of a process and the processes it starts: `auto` (the default: CLU's
 where it imports), `clu` or `tensorboard`. Importing TensorFlow takes about 5 s on a CPU, most of a tiny run's
@@ -44,16 +44,23 @@ def clu_writers_available() -> bool:
   return True
 
 
+def requested_backend() -> str:
+  """$KDJAX_METRIC_WRITER, 'auto' where unset; a value no writer can serve is one error naming the fix. Cheap (it
+  imports nothing), so main.py checks it before any data is read."""
+  backend = os.environ.get(WRITER_ENV) or 'auto'
+  if backend not in BACKENDS:
+    raise UserError(f'{WRITER_ENV}={backend!r} is not a metric writer; set it to one of {", ".join(BACKENDS)} '
+                    'or unset it')
+  if backend == 'clu' and importlib.util.find_spec('tensorflow') is None:
+    raise UserError(f'{WRITER_ENV}=clu needs TensorFlow, which CLU\'s writers import: '
+                    "pip install -e '.[tf]', or unset it for the TF-free writer")
+  return backend
+
+
 def _backend(backend: str | None) -> str:
-  """'clu' or 'tensorboard': `backend`, else $KDJAX_METRIC_WRITER, else 'auto', which is CLU's where it imports."""
+  """'clu' or 'tensorboard': `backend`, else $KDJAX_METRIC_WRITER's; 'auto' is CLU's where it imports."""
   if backend is None:
-    backend = os.environ.get(WRITER_ENV) or 'auto'
-    if backend not in BACKENDS:
-      raise UserError(f'{WRITER_ENV}={backend!r} is not a metric writer; set it to one of {", ".join(BACKENDS)} '
-                      'or unset it')
-    if backend == 'clu' and importlib.util.find_spec('tensorflow') is None:
-      raise UserError(f'{WRITER_ENV}=clu needs TensorFlow, which CLU\'s writers import: '
-                      "pip install -e '.[tf]', or unset it for the TF-free writer")
+    backend = requested_backend()
   if backend != 'auto':
     return backend
   return 'clu' if clu_writers_available() else 'tensorboard'

@@ -277,3 +277,12 @@ def test_multi_process_replication_places_typed_keys(monkeypatch):
   np.testing.assert_array_equal(jax.random.key_data(placed['key']), jax.random.key_data(key))
   np.testing.assert_array_equal(placed['x'], np.arange(4.0))
   assert placed['x'].sharding.is_fully_replicated and len(placed['x'].sharding.device_set) == jax.device_count()
+
+
+def test_a_bad_metric_writer_in_the_environment_stops_before_any_work(tmp_path):
+  workdir = tmp_path / 'w'
+  proc = run_main('--config', f'{TINY}:ce', '--workdir', str(workdir), env={'KDJAX_METRIC_WRITER': 'tb'})
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert "KDJAX_METRIC_WRITER='tb' is not a metric writer; set it to one of auto, clu, tensorboard" in \
+      proc.stderr.strip().splitlines()[-1]
+  assert not workdir.exists()

@@ -123,7 +123,7 @@ def test_a_record_cut_short_by_a_kill_is_dropped_and_the_rest_kept(tmp_path):
 def test_the_environment_picks_the_writer(monkeypatch):
   """$KDJAX_METRIC_WRITER chooses where no backend is passed; a bad value, or `clu` without TensorFlow, is one error
   naming the fix."""
-  monkeypatch.delenv(writers.WRITER_ENV)
+  monkeypatch.delenv(writers.WRITER_ENV, raising=False)
   assert writers._backend(None) == ('clu' if writers.clu_writers_available() else 'tensorboard')
   monkeypatch.setenv(writers.WRITER_ENV, 'tensorboard')
   assert writers._backend(None) == 'tensorboard'
