@@ -7,6 +7,7 @@ reducing the gradients across processes instead of inside one. This is the path 
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,50 +166,69 @@ def _two_processes(workdir, tmp_path, tag, args=(), programs=None):
   return logs
 
 
-@pytest.mark.long
-def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path):
-  """Both processes fail to read the torn latest checkpoint; process 0 alone moves it aside, both wait for the
-  move, and both resume from the previous one, ending where the uninterrupted run ended. With dropout: its RNG state
-  (a typed key) is placed and restored across processes too."""
+# The fault tests' run: checkpoints every 10 steps, all kept, and dropout, whose RNG state (a typed key) is placed
+# and restored across processes too.
+FAULT_ARGS = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10', '--config.student.dropout=0.5']
+
+
+@pytest.fixture(scope='module')
+def finished_two_process_run(tmp_path_factory):
+  """A finished two-process run with FAULT_ARGS; each fault test resumes a copy of it with its newest checkpoint
+  unreadable, and must end where it ended."""
+  folder = tmp_path_factory.mktemp('two_process_run')
+  workdir = str(folder / 'multi')
+  _two_processes(workdir, folder, 'first', FAULT_ARGS)
+  return workdir
+
+
+def _copy_with_reference(run, tmp_path):
+  """A copy of `run` to resume, its final variables and its checkpoint steps."""
   workdir = str(tmp_path / 'multi')
-  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10', '--config.student.dropout=0.5']
-  _two_processes(workdir, tmp_path, 'first', args)
-  reference = _final_variables(workdir)
+  shutil.copytree(run, workdir)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  return workdir, _final_variables(workdir), steps
+
+
+def _plain(variables: dict) -> dict:
+  """RNG keys as their raw data, which numpy compares."""
+  keys = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  return {name: np.asarray(keys(x)) for name, x in variables.items()}
+
+
+def _assert_resumed_from_the_previous_checkpoint(workdir, reference, steps):
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  for root, _, files in os.walk(os.path.join(ckpt_dir, str(steps[-1]), 'state')):
+  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))
+  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps)  # the end step was saved again
+  resumed, reference = _plain(_final_variables(workdir)), _plain(reference)
+  assert resumed.keys() == reference.keys()
+  for key in reference:
+    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.long
+def test_two_processes_fall_back_together_from_a_corrupted_checkpoint(tmp_path, finished_two_process_run):
+  """Both processes fail to read the torn latest checkpoint; process 0 alone moves it aside, both wait for the
+  move, and both resume from the previous one, ending where the uninterrupted run ended."""
+  workdir, reference, steps = _copy_with_reference(finished_two_process_run, tmp_path)
+  assert any(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in reference.values())  # dropout's RNG
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints', str(steps[-1]), 'state')):
     for name in files:
       with open(os.path.join(root, name), 'r+b') as f:
         f.truncate(os.path.getsize(os.path.join(root, name)) // 3)
-  logs = _two_processes(workdir, tmp_path, 'second', args)
-  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))
-  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps)  # the end step was saved again
+  logs = _two_processes(workdir, tmp_path, 'second', FAULT_ARGS)
   for name, log in logs.items():
     assert f'checkpoint {steps[-1]} in' in open(log).read(), name
-  resumed = _final_variables(workdir)
-  plain = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-  assert any(plain(x) is not x for x in reference.values())  # the dropout RNG state is among them
-  for key in reference:
-    np.testing.assert_allclose(plain(resumed[key]), plain(reference[key]), rtol=1e-6, atol=1e-7, err_msg=key)
+  _assert_resumed_from_the_previous_checkpoint(workdir, reference, steps)
 
 
 @pytest.mark.long
-def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path):
+def test_a_checkpoint_one_process_cannot_read_is_set_aside_by_both(tmp_path, finished_two_process_run):
   """Process 1 alone fails to read the newest checkpoint (process 0 reads it): both must still agree, set it aside
   and resume from the previous one, ending where the uninterrupted run ended, rather than process 0 waiting for
   process 1 inside a restore that process 1 has left."""
-  workdir = str(tmp_path / 'multi')
-  args = ['--config.checkpoint_every_steps=10', '--config.keep_checkpoints=10']
-  _two_processes(workdir, tmp_path, 'first', args)
-  reference = _final_variables(workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  logs = _two_processes(workdir, tmp_path, 'second', args,
+  workdir, reference, steps = _copy_with_reference(finished_two_process_run, tmp_path)
+  logs = _two_processes(workdir, tmp_path, 'second', FAULT_ARGS,
                         programs={'process1': ('-c', _CANNOT_READ_ONE_STEP, str(steps[-1]))})
-  assert os.path.isdir(os.path.join(workdir, 'corrupt_checkpoints', str(steps[-1])))
-  assert all(os.path.isdir(os.path.join(ckpt_dir, str(s))) for s in steps)  # the end step was saved again
   assert 'another process failed to restore it' in open(logs['process0']).read()
   assert 'injected by the test' in open(logs['process1']).read()
-  resumed = _final_variables(workdir)
-  for key in reference:
-    np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-6, atol=1e-7, err_msg=key)
+  _assert_resumed_from_the_previous_checkpoint(workdir, reference, steps)
