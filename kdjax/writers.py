@@ -76,24 +76,24 @@ class EventFileWriter:
   _opened = itertools.count()  # orders the files of one process opened within the same second
 
   def __init__(self, logdir: str):
-    from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     name = 'events.out.tfevents.%010d.%s.%d.%d' % (time.time(), socket.gethostname(), os.getpid(),
                                                     next(self._opened))
     self._file = open(os.path.join(logdir, name), 'wb')
     self._records = RecordWriter(self._file)
-    self._event = event_pb2.Event
-    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._write(file_version='brain.Event:2')
 
-  def _write(self, event):
-    self._records.write(event.SerializeToString())
+  def _write(self, **fields):
+    """One Event record with `fields`, stamped with the time."""
+    from tensorboard.compat.proto import event_pb2
+    self._records.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
     self._file.flush()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]):
     from tensorboard.compat.proto import summary_pb2
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
                                          for k, v in scalars.items()])
-    self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
+    self._write(step=int(step), summary=summary)
 
   def write_hparams(self, hparams):
     pass  # hyper-parameters are written to config.json in the workdir
@@ -151,9 +151,9 @@ def cut_event_files(workdir: str, upto_step: int) -> int:
   dropped = 0
   for name in sorted(filter(_is_event_file, os.listdir(workdir))):
     path = os.path.join(workdir, name)
-    records = read_records(path)
+    records, whole_bytes = read_records(path)
     kept = [r for r in records if event_pb2.Event.FromString(r).step <= upto_step]
-    if len(kept) == len(records) and os.path.getsize(path) == _records_size(records):
+    if len(kept) == len(records) and os.path.getsize(path) == whole_bytes:
       continue
     fd, temporary = tempfile.mkstemp(prefix='.events-cut-', dir=workdir)
     with os.fdopen(fd, 'wb') as f:
@@ -166,9 +166,10 @@ def cut_event_files(workdir: str, upto_step: int) -> int:
   return dropped
 
 
-def read_records(path: str) -> list[bytes]:
+def read_records(path: str) -> tuple[list[bytes], int]:
   """The records of a TFRecord file (an event file) up to the first one cut short or damaged, as TensorBoard reads
-  them; without TensorBoard's own reader, which imports TensorFlow wherever it is installed (see EventFileWriter).
+  them, and the bytes they span (less than the file's size after such a record); without TensorBoard's own reader,
+  which imports TensorFlow wherever it is installed (see EventFileWriter).
 
   A record is its length (8 bytes, little-endian), that length's masked CRC-32C (4), the data, the data's (4).
   """
@@ -187,12 +188,7 @@ def read_records(path: str) -> list[bytes]:
       break
     records.append(data)
     at = end
-  return records
-
-
-def _records_size(records) -> int:
-  """Bytes of these records in the TFRecord format: a 12-byte header and a 4-byte checksum around each."""
-  return sum(len(r) + 16 for r in records)
+  return records, at
 
 
 def create_writer(workdir: str, backend: str | None = None, upto_step: int | None = None):
